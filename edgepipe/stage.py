@@ -1,0 +1,239 @@
+"""The stage contract: what every plugin (first-party or third-party) implements.
+
+A pipeline is a graph of stages named in the config. Each stage is an instance of a class
+registered under the ``edgepipe.stages`` entry-point group; the entry-point name is the stage's
+``type`` in the config. This module is the whole contract a plugin author needs: read the
+docstrings of :class:`Stage`, :class:`Source`, :class:`Processor` and :class:`Sink`.
+
+Writing a stage, in short::
+
+    # my_pkg/brightness.py
+    from pydantic import Field
+    from edgepipe.stage import Processor, StageConfig
+
+    class BrightnessConfig(StageConfig):
+        gain: float = Field(1.0, gt=0, description="Multiply every pixel by this.")
+
+    class Brightness(Processor):
+        '''Scales pixel values.'''
+        Config = BrightnessConfig
+
+        def process(self, frames):
+            for f in frames:
+                f.image = (f.image * self.config.gain).clip(0, 255).astype("uint8")
+            return frames
+
+    # pyproject.toml
+    [project.entry-points."edgepipe.stages"]
+    brightness = "my_pkg.brightness:Brightness"
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any, ClassVar, Dict, List, Optional, Type
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from edgepipe.messages import Frame
+
+__all__ = [
+    "EndOfStream",
+    "Processor",
+    "Sink",
+    "Source",
+    "Stage",
+    "StageConfig",
+    "StageContext",
+    "StageError",
+]
+
+
+class StageError(Exception):
+    """A stage cannot do its job (device missing, file unreadable...). The message is one line
+    naming the thing that failed; the worker logs it and the supervisor decides what to do."""
+
+
+class EndOfStream(Exception):
+    """Raised by :meth:`Source.read` when a finite source (file, images) has no more frames."""
+
+
+class StageConfig(BaseModel):
+    """Settings common to every stage; a plugin's ``Config`` subclasses this.
+
+    The registry adds the ``type`` field (a ``Literal`` of the entry-point name) when it builds
+    the discriminated union, so plugins do not declare it. Unknown keys are errors.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    inputs: List[str] = Field(
+        default_factory=list,
+        description="Names of the stages whose output this stage consumes (empty for sources).",
+    )
+    worker: Optional[str] = Field(
+        None,
+        description="Run this stage in the named worker process together with the other stages "
+        "naming the same worker (they then link over inproc://). Default: a process of its own.",
+    )
+    policy: Optional[str] = Field(
+        None,
+        pattern="^(latest|block)$",
+        description="How this stage's input link behaves when it falls behind: 'latest' takes the "
+        "newest frame per source and counts the skipped ones (bounded latency, default when a "
+        "live source feeds it), 'block' applies lossless backpressure (default when only finite "
+        "sources such as files and images feed it).",
+    )
+    stall_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds without progress after which /healthz and the watchdog call this "
+        "stage stalled.",
+    )
+
+
+class StageContext:
+    """What the runtime hands to a stage: its name, a logger, and its metrics.
+
+    ``metrics`` is the stage's :class:`edgepipe.metrics.StageMetrics`; the worker already counts
+    frames in/out, drops, errors and processing time around every call, so a stage only records
+    what is specific to it (reconnects, batch sizes, inference time...).
+    """
+
+    def __init__(self, name: str, metrics: Any = None, runtime_dir: Optional[str] = None):
+        self.name = name
+        self.log = logging.getLogger(f"edgepipe.stage.{name}")
+        self.metrics = metrics
+        self.runtime_dir = runtime_dir
+
+
+class Stage(abc.ABC):
+    """Base class of every stage.
+
+    Lifecycle, all in the stage's worker process (a spawned process, never the supervisor),
+    all from that worker's single main thread:
+
+    1. ``__init__(config, context)``: cheap; no devices opened, no models loaded. Also called by
+       ``edgepipe validate`` and ``edgepipe run``'s pre-flight in the supervisor, so it must not
+       import heavy modules (torch) or touch hardware.
+    2. ``check()``: pre-flight run by ``edgepipe run`` in the supervisor before any worker starts:
+       verify that what the stage needs exists (a weights file, a camera device node, GStreamer
+       support) and raise :class:`StageError` with one line if not. Must be quick and side-effect
+       free. ``edgepipe validate`` does not call it.
+    3. ``start()``: once, in the worker, before the first frame: open devices, load and warm
+       models. The worker reports READY to the supervisor only after every stage's ``start``
+       returned. Raise :class:`StageError` to fail.
+    4. ``read()`` (sources) or ``process()`` (processors, sinks): called repeatedly by the worker
+       loop, never concurrently.
+    5. ``flush()``: once, at end of stream (every input delivered its end marker, or the source
+       ended, or the daemon drains on SIGTERM): return any frames still held (batching stages).
+    6. ``stop()``: once, last; release everything. Nothing is called after ``stop``; a stage
+       must not keep threads or processes alive past it.
+
+    A worker may be killed at any time (kill -9, OOM): stages must not rely on ``stop`` for
+    correctness of data already emitted.
+
+    Frames are :class:`edgepipe.messages.Frame`. A stage may modify and return the frames it was
+    given (they are its own copies) but must not keep references to them after returning.
+
+    Class attributes a plugin sets: ``Config`` (a :class:`StageConfig` subclass), ``kind``
+    (set by the three bases), the class docstring's first line (shown by ``edgepipe plugins``),
+    and optionally ``batch`` (processors: how many frames ``process`` may receive at once).
+    """
+
+    kind: ClassVar[str] = "stage"
+    Config: ClassVar[Type[StageConfig]] = StageConfig
+
+    def __init__(self, config: StageConfig, context: StageContext):
+        self.config = config
+        self.context = context
+        self.name = context.name
+        self.log = context.log
+        self.metrics = context.metrics
+
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+    def check(self) -> None:
+        """Pre-flight check in the supervisor (see class docstring)."""
+
+    def start(self) -> None:
+        """Open devices, load models; called once in the worker before any frame."""
+
+    def flush(self) -> List[Frame]:
+        """Return frames still held at end of stream."""
+        return []
+
+    def stop(self) -> None:
+        """Release resources; last call."""
+
+    def reconfigure(self, config: StageConfig) -> bool:
+        """Apply a changed config in place (SIGHUP). Return True if applied; False (the default)
+        makes the supervisor restart this stage's worker with the new config."""
+        return False
+
+
+class Source(Stage):
+    """A stage that produces frames (camera, RTSP, file, images, ...).
+
+    ``read()`` is called in a loop by the worker. It returns one new :class:`Frame` (with
+    ``source`` set to the stage name, ``frame_id`` increasing by one per frame from 0, and
+    ``timestamp`` the capture time in unix seconds), or ``None`` when no frame is ready yet (it
+    should then have waited up to about 0.1 s, so the worker can serve control messages), or
+    raises :class:`EndOfStream` when a finite source is exhausted. Transient failures (a camera
+    that disconnects) are handled inside: reconnect with backoff, count it in
+    ``metrics.reconnects``, log one line, and return ``None`` meanwhile.
+
+    ``live`` tells the runtime the default link policy downstream: live sources (cameras, RTSP,
+    real-time synthetic) default to 'latest', finite ones (file, images) to 'block'.
+    """
+
+    kind: ClassVar[str] = "source"
+
+    @property
+    def live(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def read(self) -> Optional[Frame]:
+        """Return the next frame, None when none is ready yet, or raise EndOfStream."""
+
+
+class Processor(Stage):
+    """A stage that transforms frames (letterbox, detector, NMS, ...).
+
+    ``process(frames)`` receives a non-empty list of frames and returns the frames to pass
+    downstream (possibly fewer, e.g. while a batch fills; those come back later or from
+    ``flush``). ``max_batch`` (a config field a processor may define) bounds the list length; the
+    worker gathers frames up to ``max_batch`` waiting at most ``max_wait_ms`` when the config has
+    those fields, and otherwise passes one frame at a time.
+    """
+
+    kind: ClassVar[str] = "processor"
+
+    @abc.abstractmethod
+    def process(self, frames: List[Frame]) -> List[Frame]:
+        """Transform frames; return those to pass downstream."""
+
+
+class Sink(Stage):
+    """A stage that consumes frames and emits nothing downstream (ZeroMQ PUB, jsonl, video...).
+
+    ``process(frames)`` receives a non-empty list of frames and delivers them. A sink that cannot
+    keep up is what 'latest' links protect against; a sink must not buffer without bound.
+    ``needs_original`` (class attribute) asks the letterbox stage upstream to carry the original
+    frame along (for drawing annotated images).
+    """
+
+    kind: ClassVar[str] = "sink"
+    needs_original: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def process(self, frames: List[Frame]) -> None:
+        """Deliver frames."""
+
+
+KINDS: Dict[str, Type[Stage]] = {"source": Source, "processor": Processor, "sink": Sink}
