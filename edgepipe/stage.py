@@ -32,14 +32,19 @@ from __future__ import annotations
 
 import abc
 import logging
-from typing import Any, ClassVar, Dict, List, Optional, Type
+import os
+from typing import ClassVar, Dict, List, Optional, Tuple, Type
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from typing_extensions import Annotated
 
 from edgepipe.messages import Frame
+from edgepipe.metrics import StageMetrics
 
 __all__ = [
+    "DATA_KINDS",
     "EndOfStream",
+    "ExistingFile",
     "Processor",
     "Sink",
     "Source",
@@ -57,6 +62,24 @@ class StageError(Exception):
 
 class EndOfStream(Exception):
     """Raised by :meth:`Source.read` when a finite source (file, images) has no more frames."""
+
+
+def _existing_file(value: str) -> str:
+    if not os.path.isfile(os.path.expanduser(value)):
+        raise ValueError("no such file")
+    return value
+
+
+ExistingFile = Annotated[str, AfterValidator(_existing_file)]
+"""A config field naming a file that must exist (weights, ...): ``edgepipe validate`` reports a
+missing one as ``stages.<name>.<field>: no such file (got '...')``. Relative paths are relative to
+the daemon's working directory."""
+
+DATA_KINDS: Tuple[str, ...] = ("frames", "letterboxed", "candidates", "detections")
+"""What flows on a link, for the config's kind-fit check (see :attr:`Stage.produces`):
+``frames`` raw source images; ``letterboxed`` images resized and padded for the detector (ratio
+and pad set); ``candidates`` detector rows above conf_thres (``Frame.candidates``); ``detections``
+final boxes in original-frame pixels (``Frame.detections``). Plugins may use other words too."""
 
 
 class StageConfig(BaseModel):
@@ -98,17 +121,22 @@ class StageContext:
 
     ``metrics`` is the stage's :class:`edgepipe.metrics.StageMetrics`; the worker already counts
     frames in/out, drops, errors and processing time around every call, so a stage only records
-    what is specific to it (reconnects, batch sizes, inference time...).
+    what is specific to it (reconnects, batch sizes, inference time...). Left None (a unit test
+    constructing a stage), :class:`Stage` creates a fresh ``StageMetrics(name, kind)``.
+    ``runtime_dir`` is the daemon's private directory (ipc sockets live there), None outside a
+    daemon.
     """
 
-    def __init__(self, name: str, metrics: Any = None, runtime_dir: Optional[str] = None):
+    def __init__(
+        self, name: str, metrics: Optional[StageMetrics] = None, runtime_dir: Optional[str] = None
+    ):
         self.name = name
         self.log = logging.getLogger(f"edgepipe.stage.{name}")
         self.metrics = metrics
         self.runtime_dir = runtime_dir
 
 
-class Stage(abc.ABC):
+class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     """Base class of every stage.
 
     Lifecycle, all in the stage's worker process (a spawned process, never the supervisor),
@@ -139,35 +167,51 @@ class Stage(abc.ABC):
 
     Class attributes a plugin sets: ``Config`` (a :class:`StageConfig` subclass), ``kind``
     (set by the three bases), the class docstring's first line (shown by ``edgepipe plugins``),
-    and optionally ``batch`` (processors: how many frames ``process`` may receive at once).
+    and for the config's kind-fit check ``accepts`` and ``produces`` (words of
+    :data:`DATA_KINDS`): ``accepts`` lists what the stage can take on its inputs (empty: anything),
+    ``produces`` says what it emits (None: the same kind it received, as a pass-through does; for a
+    source, None means "not known statically", which skips the check downstream). ``edgepipe
+    validate`` refuses e.g. ``nms`` (accepts candidates) fed by ``letterbox`` (produces
+    letterboxed). A processor that produces "candidates" is a detector for the metrics
+    (``edgepipe_detector_*`` series exist from the start). Batching is driven by the config: a
+    processor whose ``Config`` has ``max_batch`` and ``max_wait_ms`` fields gets batches.
     """
 
     kind: ClassVar[str] = "stage"
     Config: ClassVar[Type[StageConfig]] = StageConfig
+    accepts: ClassVar[Tuple[str, ...]] = ()
+    produces: ClassVar[Optional[str]] = None
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config
         self.context = context
         self.name = context.name
         self.log = context.log
-        self.metrics = context.metrics
+        if context.metrics is None:
+            context.metrics = StageMetrics(context.name, self.kind, self.produces == "candidates")
+        self.metrics: StageMetrics = context.metrics
+
+    def output_kind(self) -> Optional[str]:
+        """What this stage emits given its config; defaults to :attr:`produces`. Override when the
+        config decides it (a ``zmq`` source receiving letterboxed frames from another daemon)."""
+        return self.produces
 
     @classmethod
     def description(cls) -> str:
         doc = (cls.__doc__ or "").strip()
         return doc.splitlines()[0] if doc else ""
 
-    def check(self) -> None:
+    def check(self) -> None:  # noqa: B027 - an optional hook
         """Pre-flight check in the supervisor (see class docstring)."""
 
-    def start(self) -> None:
+    def start(self) -> None:  # noqa: B027 - an optional hook
         """Open devices, load models; called once in the worker before any frame."""
 
     def flush(self) -> List[Frame]:
         """Return frames still held at end of stream."""
         return []
 
-    def stop(self) -> None:
+    def stop(self) -> None:  # noqa: B027 - an optional hook
         """Release resources; last call."""
 
     def reconfigure(self, config: StageConfig) -> bool:
@@ -192,6 +236,7 @@ class Source(Stage):
     """
 
     kind: ClassVar[str] = "source"
+    produces: ClassVar[Optional[str]] = "frames"
 
     @property
     def live(self) -> bool:
@@ -229,6 +274,7 @@ class Sink(Stage):
     """
 
     kind: ClassVar[str] = "sink"
+    produces: ClassVar[Optional[str]] = None
     needs_original: ClassVar[bool] = False
 
     @abc.abstractmethod
