@@ -373,12 +373,14 @@ class NetworkSecurity(BaseModel):
     has neither.
 
     ``security_address_field`` names the config field holding the address (a string, a list of
-    strings, or None for "not set"); ``security_role`` is ``"bind"`` or ``"connect"``.
+    strings, or None for "not set"); ``security_role`` is ``"bind"`` or ``"connect"``, or
+    ``security_bind_flag`` names a bool field that says whether the socket binds.
     Use: ``class ZmqPubConfig(NetworkSecurity, StageConfig): bind: str = ...``.
     """
 
     security_address_field: ClassVar[str] = "bind"
     security_role: ClassVar[str] = "bind"
+    security_bind_flag: ClassVar[Optional[str]] = None
 
     curve: Optional[CurveConfig] = Field(
         None,
@@ -399,7 +401,9 @@ class NetworkSecurity(BaseModel):
         for address in addresses:
             if address is None:
                 continue
-            if self.security_role == "bind":
+            flag = self.security_bind_flag
+            binds = bool(getattr(self, flag)) if flag else self.security_role == "bind"
+            if binds:
                 check_bind(address, self.curve, self.insecure, what=field)
             else:
                 check_connect(address, self.curve, what=field)

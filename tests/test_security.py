@@ -279,6 +279,13 @@ class SubConfig(NetworkSecurity, StageConfig):
     connect: List[str] = ["tcp://127.0.0.1:5556"]
 
 
+class PullConfig(NetworkSecurity, StageConfig):
+    security_address_field = "address"
+    security_bind_flag = "bind"
+    address: str = "tcp://127.0.0.1:5560"
+    bind: bool = True
+
+
 def test_network_security_mixin_validates_at_config_time(keys: Path):
     assert PubConfig().bind == "tcp://127.0.0.1:5556"
     with pytest.raises(ValidationError, match="bind: refusing to bind 'tcp://0.0.0.0:5556'"):
@@ -294,6 +301,9 @@ def test_network_security_mixin_validates_at_config_time(keys: Path):
         SubConfig(connect=["tcp://10.1.2.3:5556", "http://x:1"])
     with pytest.raises(ValidationError, match="needs curve.client_secret_key"):
         SubConfig(curve={"server_secret_key": "/s", "client_public_keys": ["/c"]})
+    with pytest.raises(ValidationError, match="address: refusing to bind 'tcp://\\*:5560'"):
+        PullConfig(address="tcp://*:5560")
+    assert not PullConfig(address="tcp://*:5560", bind=False).bind
 
 
 # ---------------------------------------------------------------------------------------------
