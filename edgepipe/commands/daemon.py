@@ -1,0 +1,134 @@
+"""Daemon commands: ``run``, ``validate``, ``plugins``, ``schema``, ``subscribe``.
+
+Each command body imports what it needs, so ``edgepipe --help`` stays cheap; none of them imports
+torch (only the stages that need it do, inside their workers).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    from edgepipe.cli import fail
+
+    return fail(message, code)
+
+
+def _load(config: str):  # type: ignore[no-untyped-def]
+    from edgepipe.config import ConfigError, load_config
+
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        for line in exc.errors[:-1]:
+            typer.echo(f"edgepipe: error: {line}", err=True)
+        raise _fail(exc.errors[-1] if exc.errors else "invalid config") from None
+
+
+def validate(
+    config: str = typer.Argument(..., help="Pipeline config (YAML)."),
+) -> None:
+    """Check a config statically (no device opened): exit 0, or one line per error."""
+    pipeline = _load(config)
+    stages = ", ".join(f"{n} ({pipeline.types[n]})" for n in pipeline.stages)
+    typer.echo(f"{config}: OK: {len(pipeline.stages)} stages: {stages}")
+
+
+def run(
+    config: str = typer.Argument(..., help="Pipeline config (YAML)."),
+) -> None:
+    """Run the pipeline daemon until SIGTERM/SIGINT, or until every finite source has ended."""
+    from edgepipe.supervisor import run_daemon
+
+    pipeline = _load(config)
+    code = run_daemon(pipeline)
+    raise typer.Exit(code)
+
+
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="One JSON document with every stage type."),
+) -> None:
+    """List every installed stage type with its kind and one-line description."""
+    from edgepipe.registry import Registry
+
+    registry = Registry.discover()
+    rows = registry.describe()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    else:
+        width = max((len(r["name"]) for r in rows), default=4)
+        for r in rows:
+            if r["error"]:
+                typer.echo(f"{r['name']:<{width}}  {'broken':<9}  {r['error']}")
+            else:
+                typer.echo(f"{r['name']:<{width}}  {r['kind']:<9}  {r['description']}")
+    for line in registry.conflicts:
+        typer.echo(f"edgepipe: warning: {line}", err=True)
+
+
+def schema(
+    what: str = typer.Argument(..., help="'config' (the pipeline config) or 'detections' (published messages)."),
+) -> None:
+    """Print a JSON Schema: of the pipeline config (for editors) or of the detection message."""
+    if what == "config":
+        from edgepipe.registry import Registry
+
+        model, errors = Registry.discover().config_model()
+        for line in errors:
+            typer.echo(f"edgepipe: warning: left out of the schema: {line}", err=True)
+        typer.echo(json.dumps(model.model_json_schema(), indent=2))
+    elif what == "detections":
+        from edgepipe.client import detections_schema_text
+
+        typer.echo(detections_schema_text().rstrip("\n"))
+    else:
+        raise _fail(f"schema {what!r}: expected 'config' or 'detections'", 2)
+
+
+def subscribe(
+    endpoint: str = typer.Argument(..., help="ZeroMQ endpoint of a zmq_pub sink, e.g. tcp://127.0.0.1:5556."),
+    topic: str = typer.Option("detections/", "--topic", help="Topic prefix to subscribe to."),
+    count: Optional[int] = typer.Option(None, "--count", min=1, help="Exit after this many messages."),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", min=0.0, help="Exit non-zero when no message arrives within this many seconds."
+    ),
+) -> None:
+    """Print each message's JSON, bare, one per line (pipe it into jq)."""
+    from edgepipe.client import SubscribeTimeout, subscribe_raw
+
+    received = 0
+    try:
+        for _topic, payload in subscribe_raw(endpoint, topic=topic, timeout=timeout):
+            try:
+                text = payload.decode("utf-8")
+                json.loads(text)
+            except ValueError:
+                typer.echo(
+                    f"edgepipe: warning: skipped a non-JSON message on {_topic.decode(errors='replace')!r}",
+                    err=True,
+                )
+                continue
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+            received += 1
+            if count is not None and received >= count:
+                return
+    except SubscribeTimeout as exc:
+        raise _fail(str(exc)) from None
+    except BrokenPipeError:
+        return
+    except ValueError as exc:  # a malformed endpoint
+        raise _fail(str(exc), 2) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(validate)
+    app.command()(plugins)
+    app.command()(schema)
+    app.command()(subscribe)

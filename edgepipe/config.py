@@ -1,0 +1,448 @@
+"""The pipeline config: YAML in, a validated and cross-checked :class:`Pipeline` out.
+
+Loading goes in fixed steps, each reporting every error it finds as one line that names the
+path and the offending value (``stages.detector.iou_thres: Input should be less than or equal to
+1 (got 1.5)``): read and parse the YAML; interpolate ``${VAR}`` and ``${VAR:-default}`` in string
+values (``$${`` is a literal ``${``); validate the top level (``name``, ``metrics``, ``runtime``);
+validate each stage's settings against its plugin's model (the plugin's Config plus
+``type: Literal[<name>]``, see :mod:`edgepipe.registry`); then the graph checks (inputs exist, no
+cycles, sources take no inputs and reach a sink, kinds fit). All of it is static: stage
+constructors run (they are cheap by contract) but nothing opens a device; ``edgepipe run`` adds
+each stage's ``check()`` in the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from typing_extensions import Literal
+
+from edgepipe.registry import PluginError, Registry
+from edgepipe.stage import Sink, Source, Stage, StageConfig, StageContext
+
+__all__ = [
+    "NAME_PATTERN",
+    "ConfigError",
+    "MetricsConfig",
+    "Pipeline",
+    "PipelineConfig",
+    "RuntimeConfig",
+    "interpolate",
+    "load_config",
+    "parse_config",
+]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+
+
+class ConfigError(Exception):
+    """A config that cannot run; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: List[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class MetricsConfig(BaseModel):
+    """The daemon's one HTTP endpoint for Prometheus (``/metrics``) and health (``/healthz``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Serve /metrics and /healthz.")
+    listen: str = Field(
+        "127.0.0.1:9310",
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$",
+        description="HOST:PORT to listen on; loopback by default, port 0 picks a free one.",
+    )
+    auth: Optional[str] = Field(
+        None,
+        pattern=r"^[^:]+:.+$",
+        description="'user:password' to require HTTP basic auth (use ${VAR} to keep it out of the file).",
+    )
+
+
+class RuntimeConfig(BaseModel):
+    """How the supervisor runs the workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Optional[str] = Field(
+        None,
+        description="Directory for the ipc:// sockets. Default: $RUNTIME_DIRECTORY (systemd), "
+        "else a private 0700 directory per daemon under $XDG_RUNTIME_DIR or the temp dir.",
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    stop_timeout: float = Field(
+        10.0, gt=0, le=3600, description="Seconds to drain on SIGTERM/SIGINT before killing workers."
+    )
+    status_interval: float = Field(
+        30.0, gt=0, description="Seconds between status lines when stderr is not a terminal."
+    )
+    start_timeout: float = Field(
+        300.0, gt=0, description="Seconds a worker may take to become ready (model load, warm-up)."
+    )
+    hang_timeout: float = Field(
+        30.0, gt=0, description="Seconds without a heartbeat after which a ready worker is killed and restarted."
+    )
+    heartbeat_interval: float = Field(
+        0.5, gt=0, le=10, description="Seconds between a worker's heartbeats (metrics snapshots)."
+    )
+    restart_limit: int = Field(
+        5, ge=1, description="Restarts of one worker within restart_window that make the daemon give up."
+    )
+    restart_window: float = Field(60.0, gt=0, description="Seconds over which restarts are counted.")
+
+
+class PipelineConfig(BaseModel):
+    """An edgepipe pipeline: named stages linked by their ``inputs``, plus metrics and runtime."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        "edgepipe", pattern=NAME_PATTERN, description="Name of this daemon (process titles, runtime dir)."
+    )
+    stages: Dict[str, StageConfig] = Field(
+        ...,
+        min_length=1,
+        description="Stage name -> settings: 'type' (a plugin, see `edgepipe plugins`), the "
+        "plugin's options, 'inputs'.",
+    )
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics endpoint.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime settings.")
+
+
+class Pipeline:
+    """A validated config with what the runtime needs: per stage its class, an instance (cheap,
+    unstarted; used for checks), its type, its settings dict as written (to diff on reload), its
+    input link policy, what it emits, and whether any live source feeds it."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        types: Dict[str, str],
+        classes: Dict[str, Type[Stage]],
+        instances: Dict[str, Stage],
+        settings: Dict[str, Dict[str, Any]],
+        path: Optional[str] = None,
+    ) -> None:
+        self.config = config
+        self.types = types
+        self.classes = classes
+        self.instances = instances
+        self.settings = settings
+        self.path = path
+        self.policies: Dict[str, str] = {}
+        self.output_kinds: Dict[str, Optional[str]] = {}
+
+    @property
+    def stages(self) -> Dict[str, StageConfig]:
+        return self.config.stages
+
+    def kind(self, name: str) -> str:
+        return self.classes[name].kind
+
+    def consumers(self, name: str) -> List[str]:
+        """Stages that list ``name`` among their inputs, in config order."""
+        return [n for n, s in self.stages.items() if name in s.inputs]
+
+    def upstream_sources(self, name: str) -> Set[str]:
+        seen: Set[str] = set()
+        todo = [name]
+        while todo:
+            n = todo.pop()
+            for i in self.stages[n].inputs:
+                if i not in seen:
+                    seen.add(i)
+                    todo.append(i)
+        return {n for n in seen if self.kind(n) == "source"}
+
+    def workers(self) -> Dict[str, List[str]]:
+        """Worker name -> its stages: a stage's ``worker`` setting, else a worker of its own."""
+        out: Dict[str, List[str]] = {}
+        for name, s in self.stages.items():
+            out.setdefault(s.worker or name, []).append(name)
+        return out
+
+
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value: Any, env: Mapping[str, str], path: str, errors: List[str]) -> Any:
+    """``${VAR}``/``${VAR:-default}`` in every string of a parsed YAML tree (keys untouched)."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$${":
+            return "${"
+        name, default = m.group(1), m.group(2)
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        errors.append(f"{path}: environment variable {name!r} is not set (in {value!r})")
+        return m.group(0)
+
+    return _VAR.sub(sub, value)
+
+
+def _loc(loc: Tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "", drop: Optional[str] = None) -> List[str]:
+    """One line per pydantic error: ``path: message (got value)``. ``drop`` removes a union tag
+    from the locations."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(p for p in err["loc"] if p != drop)
+        path = ".".join(p for p in (prefix, _loc(loc)) if p)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        typ = err["type"]
+        if typ == "extra_forbidden":
+            msg = "unknown key"
+            lines.append(f"{path}: {msg}")
+            continue
+        if typ == "missing":
+            lines.append(f"{path}: required key missing")
+            continue
+        value = err.get("input")
+        got = repr(value)
+        if len(got) > 80:
+            got = got[:77] + "..."
+        lines.append(f"{path}: {msg} (got {got})")
+    return lines
+
+
+def parse_config(
+    data: Any,
+    registry: Optional[Registry] = None,
+    env: Optional[Mapping[str, str]] = None,
+    path: Optional[str] = None,
+) -> Pipeline:
+    """Validate a parsed YAML tree; ConfigError with every problem found."""
+    registry = registry or Registry.discover()
+    env = os.environ if env is None else env
+    errors: List[str] = list(registry.conflicts)
+    if not isinstance(data, dict):
+        raise ConfigError([f"config: expected a mapping at the top level, got {type(data).__name__}"])
+    data = interpolate(data, env, "", errors)
+
+    raw_stages = data.get("stages")
+    top = dict(data)
+    if isinstance(raw_stages, dict) and raw_stages:
+        top["stages"] = {"_": {}}  # validated one by one below, against each plugin's model
+    try:
+        base = PipelineConfig.model_validate(top)
+    except ValidationError as exc:
+        errors += format_validation_error(exc)
+        base = None
+    if not isinstance(raw_stages, dict) or not raw_stages:
+        raise ConfigError(errors)
+
+    types: Dict[str, str] = {}
+    classes: Dict[str, Type[Stage]] = {}
+    validated: Dict[str, StageConfig] = {}
+    settings: Dict[str, Dict[str, Any]] = {}
+    for name, raw in raw_stages.items():
+        name = str(name)
+        if not _NAME_RE.match(name):
+            errors.append(
+                f"stages.{name}: a stage name is 1-63 letters, digits, '_' or '-', starting with a letter or digit"
+            )
+            continue
+        if not isinstance(raw, dict):
+            errors.append(f"stages.{name}: expected a mapping of settings, got {raw!r:.60}")
+            continue
+        settings[name] = raw
+        typ = raw.get("type")
+        if not isinstance(typ, str):
+            errors.append(
+                f"stages.{name}.type: required, one of {', '.join(registry.names)} (got {typ!r:.40})"
+            )
+            continue
+        try:
+            cls = registry.get(typ)
+            model = registry.plugins[typ].settings_model()
+        except PluginError as exc:
+            errors.append(f"stages.{name}.type: {exc}")
+            continue
+        try:
+            validated[name] = model.model_validate(raw)
+        except ValidationError as exc:
+            allowed = ", ".join(k for k in model.model_fields if k != "type")
+            for line in format_validation_error(exc, f"stages.{name}"):
+                key = line[len(f"stages.{name}.") :].split(":", 1)[0]
+                if line.endswith(": unknown key") and key in raw:
+                    line += f"; allowed: {allowed}"  # a typo at the top shows its fix
+                errors.append(line)
+            continue
+        types[name], classes[name] = typ, cls
+    if errors or base is None:
+        raise ConfigError(errors)
+
+    config = PipelineConfig.model_construct(
+        name=base.name, stages=validated, metrics=base.metrics, runtime=base.runtime
+    )
+    instances: Dict[str, Stage] = {}
+    for name, cls in classes.items():
+        try:
+            instances[name] = cls(validated[name], StageContext(name))
+        except Exception as exc:  # a plugin's constructor refusing its settings
+            errors.append(f"stages.{name}: {type(exc).__name__}: {' '.join(str(exc).split())}")
+    if errors:
+        raise ConfigError(errors)
+    pipeline = Pipeline(config, types, classes, instances, settings, path)
+    errors += check_graph(pipeline)
+    if errors:
+        raise ConfigError(errors)
+    return pipeline
+
+
+def check_graph(p: Pipeline) -> List[str]:
+    """Cross-checks over the stage graph; fills ``p.policies`` and ``p.output_kinds``."""
+    errors: List[str] = []
+    names = list(p.stages)
+    for name, s in p.stages.items():
+        is_source = issubclass(p.classes[name], Source)
+        for i in s.inputs:
+            if i not in p.stages:
+                errors.append(f"stages.{name}.inputs: {i!r} is not a stage; known: {', '.join(names)}")
+            elif i == name:
+                errors.append(f"stages.{name}.inputs: a stage cannot be its own input")
+        if len(set(s.inputs)) != len(s.inputs):
+            errors.append(f"stages.{name}.inputs: lists a stage twice (got {s.inputs!r})")
+        if is_source and s.inputs:
+            errors.append(f"stages.{name}.inputs: a source takes no inputs (got {s.inputs!r})")
+        if not is_source and not s.inputs:
+            errors.append(f"stages.{name}.inputs: a {p.kind(name)} needs at least one input")
+        for i in s.inputs:
+            if i in p.stages and issubclass(p.classes[i], Sink):
+                errors.append(f"stages.{name}.inputs: {i!r} is a sink; sinks emit nothing")
+        if s.worker is not None and not _NAME_RE.match(s.worker):
+            errors.append(f"stages.{name}.worker: not a valid worker name (got {s.worker!r})")
+    if errors:
+        return errors
+
+    cycle = _find_cycle(p)
+    if cycle:
+        return [f"stages.{cycle[0]}.inputs: cycle {' -> '.join(cycle)}"]
+
+    for name in names:
+        if p.kind(name) != "source":
+            continue
+        seen, todo = {name}, [name]
+        reached = False
+        while todo and not reached:
+            for c in p.consumers(todo.pop()):
+                reached = reached or p.kind(c) == "sink"
+                if c not in seen:
+                    seen.add(c)
+                    todo.append(c)
+        if not reached:
+            errors.append(f"stages.{name}: source {name!r} reaches no sink")
+
+    for name in _topological(p):
+        inst = p.instances[name]
+        kind = inst.output_kind()
+        if kind is None and p.kind(name) != "source":
+            kinds = {p.output_kinds[i] for i in p.stages[name].inputs}
+            kind = kinds.pop() if len(kinds) == 1 else None
+        p.output_kinds[name] = kind
+        accepts = p.classes[name].accepts
+        for i in p.stages[name].inputs:
+            got = p.output_kinds[i]
+            if accepts and got is not None and got not in accepts:
+                errors.append(
+                    f"stages.{name}.inputs: {i!r} emits {got}, but {p.types[name]} accepts "
+                    f"{' or '.join(accepts)}"
+                )
+        policy = p.stages[name].policy
+        if policy is None and p.kind(name) != "source":
+            live = any(_is_live(p.instances[s]) for s in p.upstream_sources(name))
+            policy = "latest" if live else "block"
+        p.policies[name] = policy or "block"
+    return errors
+
+
+def _is_live(stage: Stage) -> bool:
+    return bool(getattr(stage, "live", True))
+
+
+def _find_cycle(p: Pipeline) -> Optional[List[str]]:
+    state: Dict[str, int] = {}  # 1 visiting, 2 done
+    stack: List[str] = []
+
+    def visit(n: str) -> Optional[List[str]]:
+        state[n] = 1
+        stack.append(n)
+        for i in p.stages[n].inputs:
+            if state.get(i) == 1:
+                return stack[stack.index(i) :] + [i]
+            if i not in state:
+                found = visit(i)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in p.stages:
+        if n not in state:
+            found = visit(n)
+            if found:
+                # Report in data-flow order (producer first).
+                return list(reversed(found))
+    return None
+
+
+def _topological(p: Pipeline) -> List[str]:
+    order: List[str] = []
+    done: Set[str] = set()
+
+    def visit(n: str) -> None:
+        if n in done:
+            return
+        done.add(n)
+        for i in p.stages[n].inputs:
+            visit(i)
+        order.append(n)
+
+    for n in p.stages:
+        visit(n)
+    return order
+
+
+def load_config(
+    path: str, registry: Optional[Registry] = None, env: Optional[Mapping[str, str]] = None
+) -> Pipeline:
+    """Read, parse and validate a config file; ConfigError (one line per problem) otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
+    if data is None:
+        raise ConfigError([f"{path}: the file is empty"])
+    return parse_config(data, registry, env, path=os.path.abspath(path))
