@@ -159,15 +159,23 @@ def box_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     a = a.astype(np.float32, copy=False)
     b = b.astype(np.float32, copy=False)
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., m)
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., k)
-    a, b = a[..., :, None, :], b[..., None, :, :]
-    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.maximum(iw, np.float32(0)) * np.maximum(ih, np.float32(0))  # (..., m, k)
-    union = (area_a[..., :, None] + area_b[..., None, :]) - inter
+    # Contiguous coordinate columns broadcast much faster than strided views of (..., 4).
+    ax1, ay1, ax2, ay2 = (np.ascontiguousarray(a[..., i])[..., :, None] for i in range(4))
+    bx1, by1, bx2, by2 = (np.ascontiguousarray(b[..., i])[..., None, :] for i in range(4))
+    area_a = (ax2 - ax1) * (ay2 - ay1)  # (..., m, 1)
+    area_b = (bx2 - bx1) * (by2 - by1)  # (..., 1, k)
+    zero = np.float32(0)
+    inter = np.minimum(ax2, bx2)  # (..., m, k); becomes the width, then the intersection
+    inter -= np.maximum(ax1, bx1)
+    np.maximum(inter, zero, out=inter)
+    ih = np.minimum(ay2, by2)
+    ih -= np.maximum(ay1, by1)
+    np.maximum(ih, zero, out=ih)
+    inter *= ih
+    union = np.add(area_a, area_b, out=ih)
+    union -= inter
     with np.errstate(divide="ignore", invalid="ignore"):
-        return inter / union
+        return np.divide(inter, union, out=inter)
 
 
 # --------------------------------------------------------------------------------------- NMS
