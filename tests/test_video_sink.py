@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from edgepipe_plugins.sinks.video import VideoConfig, VideoSink
+from helpers.pixels import colour_mask, edge_colour_ratio
 from pydantic import ValidationError
 
 from edgepipe.draw import color
@@ -71,27 +72,6 @@ def _read(path: Path) -> tuple:
     return images, fps
 
 
-def _edge_colour_ratio(img: np.ndarray, box: List[float], bgr: tuple) -> float:
-    """Fraction of points along the box's four edges whose 3x3 neighbourhood holds a pixel close
-    to ``bgr`` (compression blurs a 2 px line, so allow a little slack in place and colour)."""
-    x1, y1, x2, y2 = (int(round(v)) for v in box)
-    pts = [(x, y1) for x in range(x1 + 4, x2 - 4, 3)] + [(x, y2) for x in range(x1 + 4, x2 - 4, 3)]
-    pts += [(x1, y) for y in range(y1 + 4, y2 - 4, 3)] + [(x2, y) for y in range(y1 + 4, y2 - 4, 3)]
-    target = np.array(bgr, np.int32)
-    hits = 0
-    for x, y in pts:
-        patch = img[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].reshape(-1, 3).astype(np.int32)
-        if (np.abs(patch - target).max(axis=1) < 80).any():
-            hits += 1
-    return hits / len(pts)
-
-
-def _colour_pixels(img: np.ndarray) -> np.ndarray:
-    """Mask of clearly coloured (not gray) pixels."""
-    i = img.astype(np.int32)
-    return (i.max(axis=2) - i.min(axis=2)) > 80
-
-
 def test_annotated_file_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "out.mp4"
     frames = _frames(12)
@@ -103,11 +83,11 @@ def test_annotated_file_reads_back(tmp_path: Path) -> None:
     red = color(0)
     for i, img in enumerate(images):
         box = _box(i)
-        assert _edge_colour_ratio(img, box, red) > 0.9, f"frame {i}: box edges not drawn in red"
+        assert edge_colour_ratio(img, box, red) > 0.9, f"frame {i}: box edges not drawn in red"
         # Inside the box (away from the label tag) and far away from it, the picture stays gray.
         x1, y1, x2, y2 = (int(v) for v in box)
-        assert not _colour_pixels(img[y1 + 6 : y2 - 6, x1 + 6 : x2 - 6]).any()
-        assert not _colour_pixels(img[H - 30 :, : 20]).any()
+        assert not colour_mask(img[y1 + 6 : y2 - 6, x1 + 6 : x2 - 6]).any()
+        assert not colour_mask(img[H - 30 :, : 20]).any()
         # The label tag sits on the box's top edge: a filled red block above it.
         tag = img[max(y1 - 8, 0) : y1, x1 + 2 : x1 + 30].astype(np.int32)
         assert (tag[..., 2] - tag[..., 1]).mean() > 100, f"frame {i}: no label tag"
@@ -130,9 +110,9 @@ def test_letterboxed_frames_draw_boxes_mapped_through_ratio_and_pad(tmp_path: Pa
     images, _ = _read(path)
     assert len(images) == 5 and images[0].shape == (320, 320, 3)
     for img in images:
-        assert _edge_colour_ratio(img, [50, 100, 150, 220], color(1)) > 0.9
+        assert edge_colour_ratio(img, [50, 100, 150, 220], color(1)) > 0.9
         # Where the box would be without the mapping, nothing is drawn.
-        assert not _colour_pixels(img[240:300, 200:300]).any()
+        assert not colour_mask(img[240:300, 200:300]).any()
 
 
 def test_rate_comes_from_the_source(tmp_path: Path) -> None:
@@ -174,7 +154,7 @@ def test_one_file_per_source(tmp_path: Path) -> None:
     a, _ = _read(tmp_path / "rec-a.mp4")
     b, _ = _read(tmp_path / "rec-b.mp4")
     assert (len(a), len(b)) == (6, 4)
-    assert _edge_colour_ratio(b[3], _box(3), color(2)) > 0.9
+    assert edge_colour_ratio(b[3], _box(3), color(2)) > 0.9
     # Without {source}, the first source is recorded and the other is left out.
     _run(VideoConfig(path=str(tmp_path / "one.mp4"), fps=10), frames)
     one, _ = _read(tmp_path / "one.mp4")
@@ -188,7 +168,7 @@ def test_codec_fallback_to_mjpg_avi(tmp_path: Path) -> None:
     assert not path.exists()
     images, _ = _read(tmp_path / "clip.avi")
     assert len(images) == 5
-    assert _edge_colour_ratio(images[2], _box(2), color(0)) > 0.9
+    assert edge_colour_ratio(images[2], _box(2), color(0)) > 0.9
 
 
 def test_check_refuses_unwritable_paths(tmp_path: Path) -> None:

@@ -1,0 +1,175 @@
+"""A real headless Chromium for page tests, driven over plain W3C WebDriver HTTP calls.
+
+Debian's ``chromium`` and ``chromium-driver`` packages provide the browser and the driver; this
+module starts ``/usr/bin/chromedriver`` on a free loopback port, opens one session with a fresh
+profile and flags that keep the browser off the network (no updates, no sync, no QUIC), and offers
+the few commands page tests need: open a URL, run a script, take a screenshot as a BGR array.
+Nothing is downloaded; a missing browser or driver is an error (tests fail, never skip).
+
+    with Browser() as b:
+        b.open("http://127.0.0.1:8080/")
+        shot = b.screenshot()        # (H, W, 3) uint8 BGR
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Dict, Optional
+
+import cv2
+import numpy as np
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+    "--force-device-scale-factor=1",
+]
+
+
+class BrowserError(RuntimeError):
+    """The browser or driver is missing, failed to start, or a WebDriver command failed."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Browser:
+    """One headless Chromium session; use as a context manager so everything is ended."""
+
+    def __init__(self, width: int = 1280, height: int = 900, timeout: float = 30.0):
+        for path, pkg in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+            if not os.access(path, os.X_OK):
+                raise BrowserError(f"{path} not found: install the Debian package {pkg!r}")
+        self.timeout = timeout
+        self.profile = tempfile.mkdtemp(prefix="edgepipe-chromium-")
+        self.port = _free_port()
+        self.log = open(os.path.join(self.profile, "chromedriver.log"), "wb")  # noqa: SIM115
+        self.driver: Optional[subprocess.Popen] = subprocess.Popen(
+            [CHROMEDRIVER, f"--port={self.port}", "--allowed-ips=127.0.0.1"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.session: Optional[str] = None
+        try:
+            self._wait_ready()
+            args = FLAGS + [f"--window-size={width},{height}", f"--user-data-dir={self.profile}/data"]
+            caps = {
+                "capabilities": {
+                    "alwaysMatch": {
+                        "browserName": "chrome",
+                        "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+                    }
+                }
+            }
+            self.session = self._call("POST", "/session", caps)["sessionId"]
+        except BaseException:
+            self.close()
+            raise
+
+    # -- WebDriver plumbing --------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=data, method=method,
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout + 30) as resp:
+                reply = json.load(resp)
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")[:500]
+            raise BrowserError(f"WebDriver {method} {path} failed: HTTP {exc.code}: {detail}") from None
+        return reply.get("value")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            assert self.driver is not None
+            if self.driver.poll() is not None:
+                raise BrowserError(f"chromedriver exited with {self.driver.returncode}")
+            try:
+                if self._call("GET", "/status").get("ready"):
+                    return
+            except (OSError, BrowserError):
+                pass
+            time.sleep(0.1)
+        raise BrowserError(f"chromedriver not ready within {self.timeout} s")
+
+    def _s(self, path: str) -> str:
+        return f"/session/{self.session}{path}"
+
+    # -- what tests use ------------------------------------------------------------------------
+
+    def open(self, url: str) -> None:
+        self._call("POST", self._s("/timeouts"), {"pageLoad": int(self.timeout * 1000), "script": int(self.timeout * 1000)})
+        self._call("POST", self._s("/url"), {"url": url})
+
+    def run(self, script: str, *args: Any) -> Any:
+        """Run ``script`` (a function body; ``arguments[i]`` are ``args``) and return its value."""
+        return self._call("POST", self._s("/execute/sync"), {"script": script, "args": list(args)})
+
+    def wait_for(self, script: str, timeout: Optional[float] = None, what: str = "") -> Any:
+        """Poll ``script`` until it returns something truthy; BrowserError naming ``what`` if not."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        while True:
+            value = self.run(script)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise BrowserError(f"timed out waiting for {what or script!r}")
+            time.sleep(0.1)
+
+    def screenshot(self) -> np.ndarray:
+        """The viewport as an (H, W, 3) uint8 BGR array (device pixels; scale factor is 1)."""
+        png = base64.b64decode(self._call("GET", self._s("/screenshot")))
+        image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+        if image is None:
+            raise BrowserError("screenshot is not a PNG")
+        return image
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self._call("DELETE", self._s(""))
+            except (OSError, BrowserError):
+                pass
+            self.session = None
+        if self.driver is not None:
+            self.driver.terminate()
+            try:
+                self.driver.wait(10)
+            except subprocess.TimeoutExpired:
+                self.driver.kill()
+                self.driver.wait()
+            self.driver = None
+        self.log.close()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    def __enter__(self) -> Browser:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
