@@ -1,0 +1,162 @@
+"""The ``jsonl`` sink: detection messages appended to a file, one JSON document per line.
+
+Each line is :func:`edgepipe.messages.detection_message` (the same document ``zmq_pub``
+publishes), written whole and flushed after every batch, so a reader (``tail -f``, jq, a log
+shipper) never sees half a message. With ``max_bytes`` the file rotates by size like logrotate:
+``path`` -> ``path.1`` -> ... -> ``path.<backups>``, the oldest deleted. When the disk is full
+(or the file becomes unwritable) the messages are dropped, counted as errors, and writing resumes
+by itself when space returns; one log line marks the outage and one its end.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import IO, ClassVar, List, Optional, Tuple
+
+from pydantic import Field
+
+from edgepipe.messages import Frame, detection_message, dumps
+from edgepipe.stage import Sink, StageConfig, StageError
+
+__all__ = ["JsonlConfig", "JsonlSink"]
+
+
+class JsonlConfig(StageConfig):
+    path: str = Field(..., min_length=1, description="File to append to (its directory must exist).")
+    max_bytes: int = Field(
+        0, ge=0, description="Rotate when the file would grow beyond this many bytes (0: never rotate)."
+    )
+    backups: int = Field(
+        3, ge=0, le=1000, description="Rotated files to keep (path.1 ... path.N); 0 truncates instead."
+    )
+
+
+class JsonlSink(Sink):
+    """Appends detection messages to a file, one JSON per line, with size-based rotation."""
+
+    Config = JsonlConfig
+    config: JsonlConfig
+    accepts: ClassVar[Tuple[str, ...]] = ("detections",)
+
+    _file: Optional[IO[bytes]] = None
+
+    def check(self) -> None:
+        path = os.path.abspath(os.path.expanduser(self.config.path))
+        folder = os.path.dirname(path)
+        if os.path.isdir(path):
+            raise StageError(f"jsonl path {self.config.path!r} is a directory; expected a file name")
+        if not os.path.isdir(folder):
+            raise StageError(f"jsonl path {self.config.path!r}: directory {folder!r} does not exist")
+        # Try it rather than trust permission bits: root passes os.access() on read-only or
+        # virtual file systems where every write fails. Neither probe changes anything.
+        try:
+            if os.path.exists(path):
+                open(path, "ab").close()
+            else:
+                tempfile.TemporaryFile(dir=folder).close()
+        except OSError as exc:
+            raise StageError(f"jsonl path {self.config.path!r} is not writable: {exc.strerror or exc}") from None
+
+    def start(self) -> None:
+        self.check()
+        self._path = os.path.expanduser(self.config.path)
+        self._failing = False
+        self._open()
+
+    def _open(self) -> None:
+        self._file = open(self._path, "ab")  # noqa: SIM115 - held open for the stage's life
+        self._size = self._file.tell()
+
+    def _rotate(self) -> None:
+        assert self._file is not None
+        self._file.close()
+        self._file = None
+        keep = self.config.backups
+        if keep == 0:
+            open(self._path, "wb").close()
+        else:
+            for i in range(keep - 1, 0, -1):
+                older = f"{self._path}.{i}"
+                if os.path.exists(older):
+                    os.replace(older, f"{self._path}.{i + 1}")
+            os.replace(self._path, f"{self._path}.1")
+        self._open()
+
+    def process(self, frames: List[Frame]) -> None:
+        data = b"".join(dumps(detection_message(f)) + b"\n" for f in frames)
+        try:
+            self._write(data, frames)
+        except OSError as exc:
+            self.metrics.errors.labels("process").inc(len(frames))
+            if not self._failing:
+                self._failing = True
+                self.log.error("Cannot write %r, dropping messages until it works again: %s", self._path, exc.strerror or exc)
+            self._recover()
+            return
+        if self._failing:
+            self._failing = False
+            self.log.info("Writing %r again", self._path)
+
+    def _write(self, data: bytes, frames: List[Frame]) -> None:
+        if self._file is None:
+            self._open()
+        assert self._file is not None
+        limit = self.config.max_bytes
+        if limit and self._size and self._size + len(data) > limit:
+            self._rotate()
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+        self.metrics.published.inc(len(frames))
+        self.metrics.detections.inc(sum(0 if f.detections is None else len(f.detections) for f in frames))
+        now = time.time()
+        for f in frames:
+            self.metrics.frame_age.observe(now - f.timestamp)
+
+    def _recover(self) -> None:
+        """After a failed write: drop the buffered bytes and reopen, so no half line survives."""
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:
+                pass  # the unflushed bytes are the failed batch; losing them is the point
+        try:
+            size = os.path.getsize(self._path)
+            if size and _last_byte(self._path) != b"\n":
+                os.truncate(self._path, _last_newline(self._path))
+        except OSError:
+            pass  # still failing; the next batch tries again
+
+    def stop(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as exc:
+                self.log.error("Closing %r failed: %s", self._path, exc.strerror or exc)
+            self._file = None
+
+
+def _last_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
+def _last_newline(path: str) -> int:
+    """Length of the file up to and including its last newline (0 when it has none)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(65536, pos)
+            pos -= step
+            f.seek(pos)
+            chunk = f.read(step)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                return pos + i + 1
+    return 0

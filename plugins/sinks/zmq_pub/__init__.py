@@ -1,0 +1,107 @@
+"""The ``zmq_pub`` sink: publish detection messages on a ZeroMQ PUB socket.
+
+Each frame becomes one multipart message ``[b"detections/<source>", json]`` where the JSON is
+:func:`edgepipe.messages.detection_message` (schema ``edgepipe.detections/v1``, see ``edgepipe
+schema detections``). Subscribers filter by topic prefix: ``detections/`` for every source,
+``detections/cam1`` for one. With ``frames_fps`` set, annotated JPEG pictures (boxes, labels,
+confidences drawn by :mod:`edgepipe.draw`) also go out on ``frames/<source>``, at most that many
+per second per source, so a viewer can watch without the cost of sending every frame. PUB never
+blocks: a subscriber too slow to read loses messages (ZeroMQ's high-water mark) and sees the gap
+in ``frame_id``. The socket binds loopback by default; a public bind needs CURVE keys or
+``insecure: true``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
+
+from pydantic import Field
+
+from edgepipe.messages import Frame, detection_message, dumps
+from edgepipe.security import SUBSCRIPTION_MAX_MESSAGE_SIZE, NetworkSecurity
+from edgepipe.stage import Sink, StageConfig
+
+from ..._zmq import ZmqEndpoint, check_curve_keys
+
+__all__ = ["ZmqPubConfig", "ZmqPubSink"]
+
+
+class ZmqPubConfig(NetworkSecurity, StageConfig):
+    bind: str = Field(
+        "tcp://127.0.0.1:5556",
+        description="Address the PUB socket binds; subscribers connect to it (edgepipe subscribe).",
+    )
+    frames_fps: Optional[float] = Field(
+        None,
+        gt=0,
+        le=120,
+        description="Also publish annotated JPEG frames on 'frames/<source>', at most this many "
+        "per second per source (null: detections only).",
+    )
+    jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the annotated frames.")
+    hwm: int = Field(
+        1000, ge=1, le=1000000, description="Messages queued per subscriber before PUB drops them for it."
+    )
+
+
+class ZmqPubSink(Sink):
+    """Publishes detection messages (and optionally annotated JPEGs) on a ZeroMQ PUB socket."""
+
+    Config = ZmqPubConfig
+    config: ZmqPubConfig
+    accepts: ClassVar[Tuple[str, ...]] = ("detections",)
+
+    _endpoint: Any = None
+
+    def __init__(self, config: ZmqPubConfig, context):
+        super().__init__(config, context)
+        # Drawing wants the full-resolution source frame; without frames nothing is drawn.
+        self.needs_original = config.frames_fps is not None  # type: ignore[misc]
+
+    def check(self) -> None:
+        check_curve_keys(self.config)
+
+    def start(self) -> None:
+        import zmq
+
+        self._endpoint = ZmqEndpoint(zmq.PUB, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM)
+        self._socket = self._endpoint.socket
+        self._next_picture: Dict[str, float] = {}
+        self.log.info("Publishing detections on %r", self._endpoint.address)
+
+    def process(self, frames: List[Frame]) -> None:
+        import zmq
+
+        for frame in frames:
+            now = time.time()
+            msg = detection_message(frame, published_at=now)
+            self._socket.send_multipart([f"detections/{frame.source}".encode(), dumps(msg)], zmq.NOBLOCK)
+            self.metrics.published.inc()
+            self.metrics.detections.inc(len(msg["detections"]))
+            self.metrics.frame_age.observe(now - frame.timestamp)
+            if self.config.frames_fps is not None:
+                self._picture(frame)
+
+    def _picture(self, frame: Frame) -> None:
+        import cv2
+        import zmq
+
+        from edgepipe.draw import annotate
+
+        now = time.monotonic()
+        if now < self._next_picture.get(frame.source, 0.0):
+            return
+        image = annotate(frame)
+        if image is None:
+            return
+        assert self.config.frames_fps is not None
+        self._next_picture[frame.source] = now + 1.0 / self.config.frames_fps
+        ok, jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.config.jpeg_quality])
+        if ok:
+            self._socket.send_multipart([f"frames/{frame.source}".encode(), jpeg.tobytes()], zmq.NOBLOCK)
+
+    def stop(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None

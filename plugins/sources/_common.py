@@ -1,0 +1,192 @@
+"""Pieces the first-party sources share: frame numbering, pacing, and a capture thread.
+
+Every source numbers its frames 0, 1, 2, ... per source and stamps them with the capture time;
+:class:`NumberedSource` does that in one place. :class:`Pacer` spaces frames at a fixed rate
+without drift (real-time files, synthetic scenes, image folders). :class:`CaptureThread` runs an
+OpenCV capture (V4L2 camera, RTSP stream) in a background thread that keeps only the newest frame,
+so a slow pipeline never reads stale frames out of the driver's buffer, and reopens the capture
+with exponential backoff when it fails.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+
+from edgepipe.messages import Frame
+from edgepipe.stage import Source, StageError
+
+# How long read() may block waiting for a frame, so the worker can serve control messages.
+READ_WAIT_S = 0.1
+
+
+class NumberedSource(Source):
+    """A source that hands out frame ids 0, 1, 2, ... in the order read() returns frames."""
+
+    _next_id = 0
+
+    def _emit(self, image: np.ndarray, timestamp: float, **meta: Any) -> Frame:
+        frame = Frame(
+            source=self.name, frame_id=self._next_id, timestamp=timestamp, image=image, meta=meta
+        )
+        self._next_id += 1
+        return frame
+
+
+class CaptureSource(NumberedSource):
+    """A source read by a :class:`CaptureThread` (``self._capture``, made in ``start()``)."""
+
+    _capture: Optional[CaptureThread] = None
+    _stop_timeout = 5.0  # seconds stop() waits for the thread (a read blocked in the driver)
+
+    def read(self) -> Optional[Frame]:
+        assert self._capture is not None, "read() before start()"
+        got = self._capture.latest()
+        if got is None:
+            return None
+        image, timestamp = got
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        return self._emit(image, timestamp)
+
+    def stop(self) -> None:
+        if self._capture is not None:
+            self._capture.stop(timeout=self._stop_timeout)
+            self._capture = None
+
+
+class Pacer:
+    """Releases ticks at ``fps`` on a fixed schedule (no drift when a tick is served late).
+
+    ``ready()`` returns True when the next tick is due and then schedules the one after it; when
+    the tick is not due yet it sleeps at most ``READ_WAIT_S`` and returns False. A consumer that
+    falls more than one period behind skips ahead instead of bursting to catch up.
+    """
+
+    def __init__(self, fps: Optional[float]):
+        self.period = 1.0 / fps if fps else 0.0
+        self._due: Optional[float] = None
+
+    def ready(self) -> bool:
+        if not self.period:
+            return True
+        now = time.monotonic()
+        if self._due is None:
+            self._due = now
+        wait = self._due - now
+        if wait > 0:
+            time.sleep(min(wait, READ_WAIT_S))
+            if wait > READ_WAIT_S:
+                return False
+        now = time.monotonic()
+        self._due = max(self._due + self.period, now - self.period)
+        return True
+
+
+class CaptureThread:
+    """Reads an OpenCV capture in a thread; keeps the newest frame; reopens with backoff.
+
+    ``open_capture()`` returns an opened ``cv2.VideoCapture`` or raises :class:`StageError`.
+    After a failed open or read the thread waits ``backoff`` seconds (1 s, doubling up to
+    ``max_backoff``) before it tries again, counts every attempt in ``on_reconnect`` and logs one
+    line per attempt; after ``max_reconnects`` consecutive failed attempts it gives up and
+    :meth:`latest` raises the reason. A successful read resets the backoff.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        open_capture: Callable[[], Any],
+        log: Any,
+        on_reconnect: Callable[[], None],
+        backoff: float = 1.0,
+        max_backoff: float = 60.0,
+        max_reconnects: Optional[int] = None,
+    ):
+        self.what = what
+        self._open = open_capture
+        self._log = log
+        self._on_reconnect = on_reconnect
+        self._backoff0 = backoff
+        self._max_backoff = max_backoff
+        self._max_reconnects = max_reconnects
+        self._cond = threading.Condition()
+        self._frame: Optional[Tuple[np.ndarray, float]] = None
+        self._seq = 0  # bumped per captured frame; latest() returns each frame once
+        self._taken = 0
+        self._failure: Optional[str] = None
+        self._stopping = threading.Event()
+        self._cap: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"capture {what}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self._thread.join(timeout)
+        cap, self._cap = self._cap, None
+        if cap is not None and not self._thread.is_alive():
+            cap.release()
+
+    def latest(self, wait: float = READ_WAIT_S) -> Optional[Tuple[np.ndarray, float]]:
+        """The newest frame not returned before and its capture time, or None after ``wait`` s."""
+        with self._cond:
+            if self._seq == self._taken and self._failure is None:
+                self._cond.wait(wait)
+            if self._failure is not None:
+                raise StageError(self._failure)
+            if self._seq == self._taken or self._frame is None:
+                return None
+            self._taken = self._seq
+            return self._frame
+
+    def _run(self) -> None:
+        backoff = self._backoff0
+        attempts = 0  # consecutive failed attempts since the last good frame
+        first = True
+        while not self._stopping.is_set():
+            reason = ""
+            try:
+                if not first:
+                    self._on_reconnect()
+                first = False
+                self._cap = self._open()
+                if attempts:
+                    self._log.info("Reconnected to %r after %d attempt(s)", self.what, attempts)
+                while not self._stopping.is_set():
+                    ok, image = self._cap.read()
+                    if not ok or image is None:
+                        reason = "the stream returned no frame (ended or timed out)"
+                        break
+                    with self._cond:
+                        self._frame = (image, time.time())
+                        self._seq += 1
+                        self._cond.notify_all()
+                    attempts, backoff = 0, self._backoff0
+            except StageError as exc:
+                reason = str(exc)
+            except Exception as exc:  # a driver error must not kill the thread silently
+                reason = f"{type(exc).__name__}: {exc}"
+            if self._cap is not None:
+                self._cap.release()
+                self._cap = None
+            if self._stopping.is_set():
+                return
+            attempts += 1
+            if self._max_reconnects is not None and attempts > self._max_reconnects:
+                self._log.error(
+                    "Giving up on %r after %d failed attempts: %s", self.what, attempts, reason
+                )
+                with self._cond:
+                    self._failure = f"{self.what!r}: gave up after {attempts} failed attempts ({reason})"
+                    self._cond.notify_all()
+                return
+            self._log.warning(
+                "Lost %r (%s); reconnecting in %g s (attempt %d)", self.what, reason, backoff, attempts
+            )
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
