@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from edgepipe.yolo.model import ConfigError, Detect, Model, build_model, load_config
+from edgepipe.yolo.model import ConfigError, Detect, Model, build_model, gflops, load_config
 
 torch.set_num_threads(1)
 
@@ -177,3 +177,13 @@ def test_unknown_config_name_or_size(tmp_path):
     cfg.write_text(yaml.safe_dump(d))
     # yolov5n's published 1872157 less the stem's 2 x 16 x 6 x 6 weights of the two dropped colors
     assert sum(p.numel() for p in build_model(cfg).parameters()) == 1872157 - 2 * 16 * 36
+
+
+@pytest.mark.parametrize("cfg, published", [("yolov5s-r5.0", 17.0), ("yolov5n", 4.5), ("yolov5s", 16.5)])
+def test_gflops_match_published_figures(cfg, published):
+    # The releases print GFLOPs at 640 for 3-channel input (counted by a profiler that also
+    # counts a few non-convolution operations; hence 1.5%).
+    model = build_model(cfg, ch=3)
+    assert abs(gflops(model, 640) - published) / published < 0.015
+    assert abs(gflops(model, (320, 640)) - gflops(model, 640) / 2) < 1e-9  # linear in pixels
+    assert gflops(build_model(cfg, ch=1), 640) < gflops(model, 640)

@@ -129,9 +129,10 @@ class Detect(nn.Module):
         tracing = torch.jit.is_tracing()
         if not tracing and key in self._grid_cache:
             return self._grid_cache[key]
-        yv, xv = torch.meshgrid(torch.arange(ny, device=ref.device, dtype=ref.dtype),
-                                torch.arange(nx, device=ref.device, dtype=ref.dtype), indexing="ij")
-        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2)
+        # arange in float32 then cast: ONNX Range has no float16 form (exported --half models)
+        yv, xv = torch.meshgrid(torch.arange(ny, device=ref.device, dtype=torch.float32),
+                                torch.arange(nx, device=ref.device, dtype=torch.float32), indexing="ij")
+        grid = torch.stack((xv, yv), 2).view(1, 1, ny, nx, 2).to(ref.dtype)
         anchor_grid = (self.anchors[i] * self._strides[i]).view(1, self.na, 1, 1, 2).to(ref.dtype)
         if not tracing:
             self._grid_cache[key] = (grid, anchor_grid)
@@ -181,7 +182,7 @@ class Model(nn.Module):
         self.nc: int = int(d["nc"])
         names = d.get("names")
         if isinstance(names, dict):
-            names = [names[k] for k in sorted(names)]
+            names = [names[k] for k in sorted(names, key=_class_index)]
         self.names: List[str] = (
             [str(n) for n in names] if isinstance(names, list) and len(names) == self.nc
             else [f"class{i}" for i in range(self.nc)]
@@ -234,6 +235,45 @@ class Model(nn.Module):
     @property
     def fused(self) -> bool:
         return any(isinstance(m, Conv) and not isinstance(m.bn, nn.BatchNorm2d) for m in self.modules())
+
+
+def _class_index(key: Any) -> Tuple[int, str]:
+    """Sort key for a names dict whose keys may be ints or (after JSON) digit strings."""
+    try:
+        return int(key), ""
+    except (TypeError, ValueError):
+        return 1 << 30, str(key)
+
+
+def gflops(model: nn.Module, imgsz: Union[int, Tuple[int, int]] = 640) -> float:
+    """Convolution GFLOPs (2 x multiply-accumulates) of one forward pass at ``imgsz`` (h, w).
+
+    Counted with forward hooks. Sizes that are multiples of 320 run at a tenth of the size and
+    scale by 100: every convolution's output is then exactly proportional. Other layers (pooling,
+    activations, the Detect decode) are negligible and not counted.
+    """
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    factor = 10 if h % 320 == 0 and w % 320 == 0 else 1
+    first = next(iter(model.parameters()))
+    ch = int(getattr(model, "yaml", {}).get("ch", 1))
+    macs = [0]
+
+    def hook(conv: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        assert isinstance(conv, nn.Conv2d)
+        kh, kw = conv.kernel_size
+        macs[0] += out.numel() * (conv.in_channels // conv.groups) * kh * kw
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, ch, h // factor, w // factor, device=first.device, dtype=first.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return 2 * macs[0] * factor * factor / 1e9
 
 
 def _resolve_arg(a: Any, nc: int, anchors: Any) -> Any:
@@ -331,9 +371,13 @@ def _read_package_config(filename: str) -> str:
         from importlib.resources import files  # novermin (guarded: 3.9+)
 
         return (files("edgepipe.yolo") / "configs" / filename).read_text(encoding="utf-8")
-    from importlib.resources import read_text  # Python 3.8
+    # Python 3.8: importlib.resources cannot reach into the non-package configs/ folder.
+    import pkgutil
 
-    return read_text("edgepipe.yolo.configs", filename, encoding="utf-8")
+    data = pkgutil.get_data("edgepipe.yolo", "configs/" + filename)
+    if data is None:
+        raise ConfigError(f"shipped config {filename} is missing from the installed package")
+    return data.decode("utf-8")
 
 
 def _apply_scale(d: Dict[str, Any], scale: str, origin: str) -> Dict[str, Any]:
