@@ -18,6 +18,7 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import torch
+from helpers.yolo import gray_batch, max_rel_err, randomize
 
 from edgepipe.yolo.model import Model, build_model, gflops
 from edgepipe.yolo.weights import (
@@ -32,36 +33,6 @@ from edgepipe.yolo.weights import (
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 EDGEPIPE = [sys.executable, "-m", "edgepipe"]
-
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
-
-
-def randomize(model: Model, seed: int = 0) -> Model:
-    """Random weights and BatchNorm statistics, exactly representable in fp16.
-
-    Convolution weights are scaled by their fan-in so activations stay O(1): a saturated model
-    would hide errors in sigmoids pinned at 0 and 1.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point() or name.endswith("anchors"):
-                continue
-            u = torch.rand(t.shape, generator=g)
-            if name.endswith(("running_var", "bn.weight")):
-                v = u + 0.5
-            elif t.dim() == 4:
-                v = (u - 0.5) * 2 * (3 / t[0].numel()) ** 0.5
-            else:
-                v = (u - 0.5) * 0.2
-            t.copy_(v.half().float())
-    return model
-
-
-def gray_batch(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
-    return torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="module")

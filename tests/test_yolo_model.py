@@ -7,15 +7,11 @@ import math
 import pytest
 import torch
 import yaml
+from helpers.yolo import max_rel_err
 
 from edgepipe.yolo.model import ConfigError, Detect, Model, build_model, gflops, load_config
 
 torch.set_num_threads(1)
-
-
-def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest elementwise relative error (every output here is a positive quantity)."""
-    return ((out - ref).abs() / ref.abs().clamp_min(1e-12)).max().item()
 
 
 @pytest.fixture(scope="module")
