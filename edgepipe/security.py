@@ -97,7 +97,7 @@ class Endpoint(NamedTuple):
 def parse_endpoint(address: str, what: str = "address") -> Endpoint:
     """Parse ``tcp://host:port``, ``ipc://path`` or ``inproc://name``; raise SecurityError naming
     ``what`` otherwise. ``host`` may be ``*``, an IPv4 address, ``[IPv6]``, a host or interface
-    name; ``port`` is 1-65535 or ``*`` (an ephemeral port)."""
+    name; ``port`` is 0-65535, 0 and ``*`` meaning an ephemeral port."""
     if not isinstance(address, str) or "://" not in address:
         raise SecurityError(
             f"{what}: {address!r} is not a ZeroMQ address (expected tcp://host:port, "
@@ -128,8 +128,8 @@ def parse_endpoint(address: str, what: str = "address") -> Endpoint:
         )
     elif host != "*" and not re.match(r"^[A-Za-z0-9._-]+$", host):
         raise SecurityError(f"{what}: {host!r} in {address!r} is not a host name or address")
-    if port != "*" and not (port.isdigit() and 1 <= int(port) <= 65535):
-        raise SecurityError(f"{what}: port {port!r} in {address!r} must be 1-65535 or '*'")
+    if port != "*" and not (port.isdigit() and int(port) <= 65535):
+        raise SecurityError(f"{what}: port {port!r} in {address!r} must be 0-65535 or '*'")
     return Endpoint("tcp", host=host, port=port)
 
 
