@@ -231,3 +231,26 @@ def test_nms_reconfigure_applies_in_place():
     assert nms.reconfigure(NmsConfig(inputs=["d"], conf_thres=0.6))
     assert run() == 1
     assert not nms.reconfigure(NmsConfig(inputs=["other"], conf_thres=0.6))  # links changed: restart
+
+
+def test_yolov5_loads_a_weights_file(tmp_path, detector: YoloV5Stage):
+    """A model saved in edgepipe's format and loaded by path gives the same candidates as the
+    same model built in place, with its class names."""
+    from edgepipe.yolo.weights import save_model
+
+    torch.manual_seed(3)
+    model = build_model("yolov5n", ch=1).eval()
+    model.names = [f"thing{i}" for i in range(model.nc)]
+    path = tmp_path / "n.safetensors"
+    save_model(model, path)
+    stage = YoloV5Stage(
+        YoloV5Config(inputs=["prep"], weights=str(path), device="cpu", imgsz=96, conf_thres=0.001), StageContext("det2")
+    )
+    stage.start()
+    frames = scene_frames(2, 96, 96)
+    expected = detector.process([Frame(f.source, f.frame_id, f.timestamp, image=f.image.copy()) for f in frames])
+    got = stage.process(frames)
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g.candidates, e.candidates, rtol=1e-4, atol=1e-4)
+        assert g.names[:2] == ["thing0", "thing1"]
+    assert stage.metrics.info["model"] == "n.safetensors"
