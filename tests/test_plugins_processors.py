@@ -254,3 +254,28 @@ def test_yolov5_loads_a_weights_file(tmp_path, detector: YoloV5Stage):
         np.testing.assert_allclose(g.candidates, e.candidates, rtol=1e-4, atol=1e-4)
         assert g.names[:2] == ["thing0", "thing1"]
     assert stage.metrics.info["model"] == "n.safetensors"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_yolov5_on_cuda_runs_fp16_and_matches_the_cpu(detector: YoloV5Stage):
+    stage = YoloV5Stage(
+        YoloV5Config(inputs=["prep"], cfg="yolov5n", seed=3, device="auto", imgsz=96, conf_thres=0.001),
+        StageContext("gpu"),
+    )
+    stage.start()
+    try:
+        assert stage.device.type == "cuda" and stage.half
+        frames = scene_frames(3, 96, 96)
+        cpu = detector.process([Frame(f.source, f.frame_id, f.timestamp, image=f.image.copy()) for f in frames])
+        gpu = stage.process(frames)
+        for g, c in zip(gpu, cpu):
+            # fp16 moves objectness a little: compare the rows both keep well above the threshold.
+            strong = c.candidates[c.candidates[:, 4] > 0.01]
+            g_strong = g.candidates[g.candidates[:, 4] > 0.01]
+            assert abs(len(strong) - len(g_strong)) <= max(2, len(strong) // 20)
+            assert g.candidates.dtype == np.float32
+        assert stage.metrics.info["precision"] == "fp16" and stage.metrics.info["device"].startswith("cuda")
+        assert list(stage.metrics.gpu_memory.values.values())[0] > 0
+    finally:
+        stage.stop()

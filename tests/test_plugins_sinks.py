@@ -234,3 +234,19 @@ def test_zmq_push_drops_after_send_timeout_without_a_receiver(tmp_path: Path):
     assert sink.metrics.dropped.labels("queue_full").value == 2
     assert sink.metrics.published.value == 1
     assert time.monotonic() - t0 < 3
+
+
+def test_jsonl_full_disk_drops_and_counts_without_failing(caplog: pytest.LogCaptureFixture):
+    # /dev/full accepts the open and fails every write with ENOSPC, like a full disk.
+    sink = JsonlSink(JsonlConfig(path="/dev/full"), StageContext("log"))
+    sink.check()
+    sink.start()
+    try:
+        for k in range(5):
+            sink.process([det_frame("cam", k)])
+    finally:
+        sink.stop()
+    assert sink.metrics.errors.labels("process").value == 5
+    assert sink.metrics.published.value == 0
+    outage = [r.getMessage() for r in caplog.records if "Cannot write" in r.getMessage()]
+    assert len(outage) == 1 and "No space left on device" in outage[0]

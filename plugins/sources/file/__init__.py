@@ -67,7 +67,7 @@ class FileSource(NumberedSource):
     def _open(self) -> Any:
         import cv2
 
-        cap = cv2.VideoCapture(self.config.path, cv2.CAP_FFMPEG)
+        cap = cv2.VideoCapture(self.config.path, cv2.CAP_ANY)  # FFmpeg here, GStreamer on a Jetson build
         if not cap.isOpened():
             cap.release()
             raise StageError(f"cannot decode video file {self.config.path!r}")

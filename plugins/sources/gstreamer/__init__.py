@@ -90,7 +90,9 @@ class GStreamerConfig(StageConfig):
 
 def split_pipeline(pipeline: str) -> List[str]:
     """The '!'-separated parts of a gst-launch description, stripped (quotes respected)."""
-    parts, current, quote = [], [], ""
+    parts: List[str] = []
+    current: List[str] = []
+    quote = ""
     for ch in pipeline:
         if quote:
             quote = "" if ch == quote else quote
@@ -252,7 +254,7 @@ class GStreamerSource(NumberedSource):
         assert self._proc is not None and self._proc.stdout is not None
         fd = self._proc.stdout.fileno()
         deadline = time.monotonic() + READ_WAIT_S
-        view = memoryview(self._buf)
+        view = memoryview(self._buf.data)
         while self._got < len(self._buf):
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([fd], [], [], left)[0]:

@@ -74,7 +74,7 @@ class SyntheticSource(NumberedSource):
             cfg.height,
             seed=cfg.seed,
             objects=cfg.objects,
-            size_range=tuple(cfg.size_range) if cfg.size_range else None,
+            size_range=(float(cfg.size_range[0]), float(cfg.size_range[1])) if cfg.size_range else None,
         )
         self._pacer = Pacer(cfg.fps)
 
