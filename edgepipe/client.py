@@ -17,6 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field
 
 from edgepipe.messages import DETECTIONS_SCHEMA
+from edgepipe.security import CurveConfig
 
 __all__ = [
     "Detection",
@@ -104,20 +105,42 @@ def build_detections_schema() -> dict:
 
 
 def subscribe_raw(
-    endpoint: str, topic: str = "detections/", timeout: Optional[float] = None
+    endpoint: str,
+    topic: str = "detections/",
+    timeout: Optional[float] = None,
+    curve: Optional[CurveConfig] = None,
+    max_message_size: Optional[int] = None,
 ) -> Iterator[Tuple[bytes, bytes]]:
     """Yield ``(topic, payload)`` of every message whose topic starts with ``topic``.
 
     ``timeout`` (seconds) bounds the wait for each message: SubscribeTimeout when nothing came
     within it. A malformed endpoint raises ValueError. Frames of other lengths are skipped.
+    ``curve`` (``client_secret_key`` + ``server_public_key``) talks to a CURVE publisher; one
+    that refuses this client's key simply delivers nothing (see :mod:`edgepipe.security`).
+    ``max_message_size`` bounds what the publisher may send (default 1 MiB for ``detections/``
+    topics, 64 MiB otherwise, for JPEG pictures): a larger message drops the connection.
+    Unreadable or unprotected key files raise :class:`edgepipe.security.SecurityError` (a
+    ValueError).
     """
     import zmq
 
+    from edgepipe.security import (
+        DETECTION_MAX_MESSAGE_SIZE,
+        FRAME_MAX_MESSAGE_SIZE,
+        check_connect,
+        secure_client,
+    )
+
+    if max_message_size is None:
+        detections_only = topic.startswith("detections/")
+        max_message_size = DETECTION_MAX_MESSAGE_SIZE if detections_only else FRAME_MAX_MESSAGE_SIZE
+    check_connect(endpoint, curve, what="endpoint")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 1000)
     try:
+        secure_client(sock, curve, max_message_size)
         try:
             sock.connect(endpoint)
         except zmq.ZMQError as exc:
@@ -137,12 +160,15 @@ def subscribe_raw(
 
 
 def subscribe(
-    endpoint: str, topic: str = "detections/", timeout: Optional[float] = None
+    endpoint: str,
+    topic: str = "detections/",
+    timeout: Optional[float] = None,
+    curve: Optional[CurveConfig] = None,
 ) -> Iterator[DetectionMessage]:
     """Yield typed :class:`DetectionMessage` objects (see :func:`subscribe_raw` for arguments).
 
     A message that does not match the schema raises pydantic's ValidationError: a publisher
     speaking another format is a deployment error, not something to skip silently.
     """
-    for _topic, payload in subscribe_raw(endpoint, topic, timeout):
+    for _topic, payload in subscribe_raw(endpoint, topic, timeout, curve):
         yield DetectionMessage.model_validate_json(payload)

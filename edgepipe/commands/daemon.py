@@ -97,13 +97,27 @@ def subscribe(
     timeout: Optional[float] = typer.Option(
         None, "--timeout", min=0.0, help="Exit non-zero when no message arrives within this many seconds."
     ),
+    curve_server_key: Optional[str] = typer.Option(
+        None, "--curve-server-key", help="CURVE: the publisher's public key file (NAME.key) or Z85 key."
+    ),
+    curve_secret_key: Optional[str] = typer.Option(
+        None, "--curve-secret-key", help="CURVE: this subscriber's NAME.key_secret (its NAME.key must be in the publisher's allow-list)."
+    ),
 ) -> None:
     """Print each message's JSON, bare, one per line (pipe it into jq)."""
     from edgepipe.client import SubscribeTimeout, subscribe_raw
+    from edgepipe.security import CurveConfig
 
+    curve = None
+    if (curve_server_key is None) != (curve_secret_key is None):
+        raise _fail("--curve-server-key and --curve-secret-key go together", 2)
+    if curve_server_key is not None:
+        curve = CurveConfig.model_validate(
+            {"client_secret_key": curve_secret_key, "server_public_key": curve_server_key}
+        )
     received = 0
     try:
-        for _topic, payload in subscribe_raw(endpoint, topic=topic, timeout=timeout):
+        for _topic, payload in subscribe_raw(endpoint, topic=topic, timeout=timeout, curve=curve):
             try:
                 text = payload.decode("utf-8")
                 json.loads(text)
@@ -122,7 +136,7 @@ def subscribe(
         raise _fail(str(exc)) from None
     except BrokenPipeError:
         return
-    except ValueError as exc:  # a malformed endpoint
+    except ValueError as exc:  # a malformed endpoint, an unreadable or unprotected key file
         raise _fail(str(exc), 2) from None
 
 
