@@ -76,6 +76,13 @@ def test_eval_output_decodes_boxes_in_input_pixels():
     assert out[..., 2].max() <= 4 * 373 and out[..., 2].min() >= 0
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 64, 80), (1, 3, 64, 64), (1, 64, 64)])
+def test_bad_input_shape_is_explained(shape):
+    model = build_model("yolov5n").eval()
+    with pytest.raises(ValueError, match=r"model input must be \(B, 1, H, W\) with H and W multiples of 32"):
+        model(torch.zeros(shape))
+
+
 def test_train_mode_returns_raw_levels():
     model = build_model("yolov5n", nc=2)
     assert model.training

@@ -222,7 +222,14 @@ class Model(nn.Module):
         """(B, ch, H, W) float in [0, 1], H and W multiples of the largest stride.
 
         Eval: (B, N, 5+nc). Training: the raw per-level (B, na, ny, nx, 5+nc) tensors.
+        Raises ValueError for another shape (the layers would fail later with a cryptic error).
         """
+        step = int(self.stride.max())
+        if x.dim() != 4 or x.shape[1] != self.yaml["ch"] or x.shape[2] % step or x.shape[3] % step:
+            raise ValueError(
+                f"model input must be (B, {self.yaml['ch']}, H, W) with H and W multiples of {step}, "
+                f"got {tuple(x.shape)}"
+            )
         return self.detect(self._features(x))
 
     def fuse(self) -> Model:
