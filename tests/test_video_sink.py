@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 from typing import List
 
-import cv2
 import numpy as np
 import pytest
 import yaml
 from edgepipe_plugins.sinks.video import VideoConfig, VideoSink
-from helpers.pixels import colour_mask, edge_colour_ratio
+from helpers.pixels import colour_mask, edge_colour_ratio, read_video
 from pydantic import ValidationError
 
 from edgepipe.draw import color
@@ -58,25 +57,11 @@ def _run(config: VideoConfig, frames: List[Frame]) -> VideoSink:
     return sink
 
 
-def _read(path: Path) -> tuple:
-    cap = cv2.VideoCapture(str(path))
-    assert cap.isOpened(), f"{path} does not open"
-    fps = cap.get(cv2.CAP_PROP_FPS)
-    images = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        images.append(img)
-    cap.release()
-    return images, fps
-
-
 def test_annotated_file_reads_back(tmp_path: Path) -> None:
     path = tmp_path / "out.mp4"
     frames = _frames(12)
     _run(VideoConfig(path=str(path), fps=10), frames)
-    images, fps = _read(path)
+    images, fps = read_video(path)
     assert len(images) == 12
     assert images[0].shape == (H, W, 3)
     assert fps == pytest.approx(10, abs=0.01)
@@ -107,7 +92,7 @@ def test_letterboxed_frames_draw_boxes_mapped_through_ratio_and_pad(tmp_path: Pa
                   pad=(0.0, 40.0), detections=det, names=NAMES)
         )
     _run(VideoConfig(path=str(path), codec="MJPG", fps=5), frames)
-    images, _ = _read(path)
+    images, _ = read_video(path)
     assert len(images) == 5 and images[0].shape == (320, 320, 3)
     for img in images:
         assert edge_colour_ratio(img, [50, 100, 150, 220], color(1)) > 0.9
@@ -119,7 +104,7 @@ def test_rate_comes_from_the_source(tmp_path: Path) -> None:
     # No fps option: the rate follows the source's capture times (15 fps) ...
     path = tmp_path / "est.mp4"
     _run(VideoConfig(path=str(path)), _frames(14, fps=15.0))
-    images, fps = _read(path)
+    images, fps = read_video(path)
     assert len(images) == 14 and fps == pytest.approx(15, abs=0.05)
     # ... or the rate a source announces in frame.meta, even for a stream shorter than the probe.
     path = tmp_path / "meta.mp4"
@@ -127,12 +112,12 @@ def test_rate_comes_from_the_source(tmp_path: Path) -> None:
     for f in frames:
         f.meta["fps"] = 12.5
     _run(VideoConfig(path=str(path)), frames)
-    images, fps = _read(path)
+    images, fps = read_video(path)
     assert len(images) == 3 and fps == pytest.approx(12.5, abs=0.05)
     # A stream shorter than the probe still lands complete in the file when the sink stops.
     path = tmp_path / "short.mp4"
     _run(VideoConfig(path=str(path)), _frames(4, fps=20.0))
-    images, fps = _read(path)
+    images, fps = read_video(path)
     assert len(images) == 4 and fps == pytest.approx(20, abs=0.05)
 
 
@@ -143,7 +128,7 @@ def test_size_is_fixed_by_the_first_frame(tmp_path: Path) -> None:
     frames.append(Frame("cam", 4, frames[-1].timestamp + 0.1, image=big, original=big,
                         detections=np.array([[0, 0, 100, 100, 0.5, 0]], np.float32), names=NAMES))
     _run(VideoConfig(path=str(path), fps=10), frames)
-    images, _ = _read(path)
+    images, _ = read_video(path)
     assert len(images) == 5 and all(img.shape == (H, W, 3) for img in images)
 
 
@@ -151,13 +136,13 @@ def test_one_file_per_source(tmp_path: Path) -> None:
     frames = _frames(6, source="a", cls=0) + _frames(4, source="b", cls=2)
     frames.sort(key=lambda f: f.timestamp)
     _run(VideoConfig(path=str(tmp_path / "rec-{source}.mp4"), fps=10), frames)
-    a, _ = _read(tmp_path / "rec-a.mp4")
-    b, _ = _read(tmp_path / "rec-b.mp4")
+    a, _ = read_video(tmp_path / "rec-a.mp4")
+    b, _ = read_video(tmp_path / "rec-b.mp4")
     assert (len(a), len(b)) == (6, 4)
     assert edge_colour_ratio(b[3], _box(3), color(2)) > 0.9
     # Without {source}, the first source is recorded and the other is left out.
     _run(VideoConfig(path=str(tmp_path / "one.mp4"), fps=10), frames)
-    one, _ = _read(tmp_path / "one.mp4")
+    one, _ = read_video(tmp_path / "one.mp4")
     assert len(one) == 6
 
 
@@ -166,7 +151,7 @@ def test_codec_fallback_to_mjpg_avi(tmp_path: Path) -> None:
     path = tmp_path / "clip.mp4"
     _run(VideoConfig(path=str(path), codec="ZZZZ", fps=10), _frames(5))
     assert not path.exists()
-    images, _ = _read(tmp_path / "clip.avi")
+    images, _ = read_video(tmp_path / "clip.avi")
     assert len(images) == 5
     assert edge_colour_ratio(images[2], _box(2), color(0)) > 0.9
 

@@ -1,10 +1,13 @@
 """Pixel checks for annotated pictures (video frames read back, browser screenshots): is a box of
-a given colour drawn along given edges, and which pixels are clearly coloured rather than gray."""
+a given colour drawn along given edges, which pixels are clearly coloured rather than gray; and
+reading a video file back frame by frame."""
 
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from pathlib import Path
+from typing import List, Sequence, Tuple
 
+import cv2
 import numpy as np
 
 
@@ -32,3 +35,18 @@ def colour_mask(img: np.ndarray, spread: int = 80) -> np.ndarray:
     """Mask of clearly coloured (not gray) pixels: channels differ by more than ``spread``."""
     i = img.astype(np.int32)
     return (i.max(axis=2) - i.min(axis=2)) > spread
+
+
+def read_video(path: Path) -> Tuple[List[np.ndarray], float]:
+    """Every frame of a video file (BGR) and the rate in its header; AssertionError if unreadable."""
+    cap = cv2.VideoCapture(str(path))
+    assert cap.isOpened(), f"{path} does not open"
+    fps = float(cap.get(cv2.CAP_PROP_FPS))
+    images = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        images.append(img)
+    cap.release()
+    return images, fps
