@@ -161,6 +161,10 @@ class Pipeline:
                     todo.append(i)
         return {n for n in seen if self.kind(n) == "source"}
 
+    def flow_order(self) -> List[str]:
+        """Stage names with every stage after its inputs (config order otherwise)."""
+        return _topological(self)
+
     def workers(self) -> Dict[str, List[str]]:
         """Worker name -> its stages: a stage's ``worker`` setting, else a worker of its own."""
         out: Dict[str, List[str]] = {}

@@ -493,7 +493,10 @@ class PipelineCollector:
 
 
 def _fmt(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
+    """Bucket bounds as prometheus_client writes them (``le="1.0"``, ``le="0.005"``)."""
+    from prometheus_client.utils import floatToGoString
+
+    return floatToGoString(bound)
 
 
 class MetricsServer:

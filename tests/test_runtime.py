@@ -1,0 +1,344 @@
+"""The daemon for real: supervisor and worker processes, ipc/inproc links, signals, restarts,
+reload, metrics. Stages come from the third-party test package (tests/data/thirdparty_plugin),
+installed into the venv once per session, so these tests need no camera, model or GPU."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from helpers.daemon import Daemon, install_test_plugins, process_group_members, read_jsonl
+
+from edgepipe.metrics import DROP_REASONS, ERROR_TYPES
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plugins() -> None:
+    install_test_plugins()
+
+
+def ids_by_source(records):
+    out = collections.defaultdict(list)
+    for r in records:
+        out[r["source"]].append(r["frame_id"])
+    return out
+
+
+# -- finite pipelines: exactly once, fan-in, fan-out, grouping, batching --------------------------
+
+
+def test_finite_pipeline_delivers_every_frame_exactly_once(tmp_path):
+    """Two finite sources into one batching processor (fan-in), which shares a worker with one
+    sink (inproc link) and feeds a second sink in its own process (fan-out, ipc link). Under the
+    default 'block' policy every frame arrives once, in order, and the daemon exits 0 alone."""
+    n = 150
+    config = {
+        "name": "finite",
+        "stages": {
+            "a": {"type": "counter", "count": n},
+            "b": {"type": "counter", "count": n},
+            "mid": {"type": "passthrough", "inputs": ["a", "b"], "worker": "g", "max_batch": 4, "max_wait_ms": 20},
+            "near": {"type": "record", "inputs": ["mid"], "worker": "g", "path": str(tmp_path / "near.jsonl")},
+            "far": {"type": "record", "inputs": ["mid"], "path": str(tmp_path / "far.jsonl")},
+        },
+    }
+    with Daemon(config, tmp_path) as d:
+        d.wait_ready()
+        assert sorted(d.worker_pids()) == ["a", "b", "far", "g"]
+        assert d.wait(60) == 0
+        d.assert_no_leftovers()
+    for sink in ("near", "far"):
+        ids = ids_by_source(read_jsonl(tmp_path / f"{sink}.jsonl"))
+        assert ids == {"a": list(range(n)), "b": list(range(n))}, sink
+    near = read_jsonl(tmp_path / "near.jsonl")
+    assert max(r["meta"]["batch"] for r in near) > 1  # batches formed across the two sources
+    assert all(r["meta"]["batch"] <= 4 for r in near)
+    assert len({r["meta"]["pid"] for r in near}) == 1 and near[0]["pid"] == near[0]["meta"]["pid"]
+    summary = d.wait_for_line(r"Finished in [0-9.]+ s: (.*)").group(1)
+    assert f"a {n} frames" in summary and f"mid {2 * n} frames" in summary
+    assert f"far {2 * n} frames" in summary
+
+
+def test_slow_block_link_applies_backpressure_without_loss(tmp_path):
+    """A slow sink behind a fast finite source: the source waits instead of dropping."""
+    config = {
+        "name": "slow",
+        "stages": {
+            "src": {"type": "counter", "count": 40},
+            "slow": {"type": "passthrough", "inputs": ["src"], "sleep_ms": 10},
+            "out": {"type": "record", "inputs": ["slow"], "path": str(tmp_path / "out.jsonl")},
+        },
+    }
+    with Daemon(config, tmp_path) as d:
+        d.wait_ready()
+        assert d.wait(60) == 0
+    assert [r["frame_id"] for r in read_jsonl(tmp_path / "out.jsonl")] == list(range(40))
+
+
+# -- start-up failures --------------------------------------------------------------------------
+
+
+def _run(tmp_path: Path, config: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    import yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "edgepipe", "run", str(path)],
+        capture_output=True, text=True, timeout=timeout, start_new_session=True,
+    )
+
+
+def test_preflight_check_fails_before_any_worker(tmp_path):
+    config = {
+        "name": "pre",
+        "stages": {
+            "src": {"type": "counter", "fail_check": True},
+            "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    r = _run(tmp_path, config)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "edgepipe: error: stages.src: counter 'src': no such device (fail_check is set)"
+    assert not (tmp_path / "o.jsonl").exists()  # the sink never started
+
+
+def test_start_failure_exits_nonzero_with_the_reason(tmp_path):
+    config = {
+        "name": "startfail",
+        "stages": {
+            "src": {"type": "counter", "fail_start": True},
+            "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    r = _run(tmp_path, config)
+    assert r.returncode == 1, r.stderr
+    assert "Worker 'src' failed to start: counter 'src': cannot open (fail_start is set)" in r.stderr
+
+
+def test_taken_metrics_port_fails_fast(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        config = {
+            "name": "port",
+            "stages": {
+                "src": {"type": "counter", "count": 1},
+                "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+            },
+            "metrics": {"listen": f"127.0.0.1:{port}"},
+        }
+        r = _run(tmp_path, config)
+    assert r.returncode == 1
+    assert r.stderr.strip() == (
+        f"edgepipe: error: metrics.listen: cannot listen on '127.0.0.1:{port}': Address already in use"
+    )
+
+
+def test_crash_loop_gives_up_with_the_reason(tmp_path):
+    config = {
+        "name": "crashloop",
+        "stages": {
+            "src": {"type": "counter", "fps": 50, "fail_after": 3},
+            "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+        "runtime": {"restart_limit": 3, "restart_window": 60},
+    }
+    t0 = time.monotonic()
+    r = _run(tmp_path, config)
+    assert r.returncode == 1, r.stderr
+    assert time.monotonic() - t0 < 30
+    assert r.stderr.count("Worker 'src' died (counter 'src': device lost after 3 frames); restarting in") == 2
+    assert "Giving up: worker 'src' (stages src) failed 3 times within 60 s; last: counter 'src': device lost after 3 frames" in r.stderr
+    # Frames flowed between crashes ('latest' link: some may be skipped, none beyond the third).
+    ids = [x["frame_id"] for x in read_jsonl(tmp_path / "o.jsonl")]
+    assert ids and set(ids) <= {0, 1, 2}
+
+
+# -- a live daemon, shared by the tests below (they run in file order) -------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("live")
+    rundir = tempfile.mkdtemp(prefix="ep-", dir="/tmp")  # short: ipc paths have a length limit
+    config = {
+        "name": "live",
+        "stages": {
+            "src": {"type": "counter", "fps": 40},
+            "mid": {"type": "passthrough", "inputs": ["src"], "tag": "one"},
+            "out": {"type": "record", "inputs": ["mid"], "path": str(tmp / "out.jsonl")},
+            "slow": {"type": "passthrough", "inputs": ["src"], "sleep_ms": 100},
+            "slowout": {"type": "record", "inputs": ["slow"], "path": str(tmp / "slow.jsonl")},
+        },
+        "runtime": {"dir": rundir, "hang_timeout": 3},
+    }
+    with Daemon(config, tmp) as d:
+        d.out = tmp / "out.jsonl"
+        d.rundir = rundir
+        d.wait_ready()
+        yield d
+    os.rmdir(rundir)
+
+
+def test_live_metrics_exist_from_the_start_and_pass_promtool(live):
+    text = live.metrics_text()
+    for stage in ("src", "mid", "out", "slow", "slowout"):
+        for reason in DROP_REASONS:
+            assert f'edgepipe_stage_frames_dropped_total{{reason="{reason}",stage="{stage}"}}' in text
+        for typ in ERROR_TYPES:
+            assert f'edgepipe_stage_errors_total{{stage="{stage}",type="{typ}"}}' in text
+        assert f'edgepipe_stage_processing_seconds_bucket{{le="0.001",stage="{stage}"}}' in text
+        assert f'edgepipe_worker_up{{worker="{stage}"}} 1.0' in text
+    assert 'edgepipe_source_frames_read_total{stage="src"}' in text
+    assert 'edgepipe_sink_frame_age_seconds_bucket{le="10.0",stage="out"}' in text
+    assert "edgepipe_source_frames_read_total{stage=\"mid\"}" not in text  # sources only
+    assert 'edgepipe_build_info{python=' in text
+    r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert live.wait_until(lambda: (live.sample("edgepipe_worker_resident_memory_bytes", worker="mid") or 0) > 10e6)
+    code, body = live.healthz()
+    assert code == 200 and body["status"] == "ok" and body["stalled"] == [], body
+
+
+def test_live_counts_flow_and_fps(live):
+    live.wait_until(lambda: (live.sample("edgepipe_sink_messages_published_total", stage="out") or 0) > 40)
+    fps = live.wait_until(lambda: live.sample("edgepipe_source_frames_per_second", stage="src"))
+    assert 25 < fps < 55
+    read = live.sample("edgepipe_source_frames_read_total", stage="src")
+    sent = live.sample("edgepipe_stage_frames_sent_total", stage="src")
+    assert read == sent and read > 0
+
+
+def test_latest_policy_skips_behind_a_slow_stage_and_keeps_latency_bounded(live):
+    # 'slow' takes 100 ms per frame behind a 40 fps source: it takes the newest frame each time
+    # and the older ones are skipped (or dropped at the source's full link), so what it
+    # processes is fresh and its queue never grows.
+    def values():
+        return {(n, tuple(sorted(lab.items()))): v for n, lab, v in live.samples()}
+
+    def get(v, name, **labels):
+        return v[(name, tuple(sorted(labels.items())))]
+
+    live.wait_until(
+        lambda: get(values(), "edgepipe_stage_frames_dropped_total", stage="slow", reason="skipped") > 20,
+        message="skips counted",
+    )
+    v = values()
+    src = get(v, "edgepipe_source_frames_read_total", stage="src")
+    received = get(v, "edgepipe_stage_frames_received_total", stage="slow")
+    skipped = get(v, "edgepipe_stage_frames_dropped_total", stage="slow", reason="skipped")
+    processed = get(v, "edgepipe_stage_processing_seconds_count", stage="slow")
+    assert processed < 0.5 * src
+    assert 0 <= received - skipped - processed <= 2  # at most the frame in hand is pending
+    # Frame age at the slow branch's sink stays near one processing time, not growing.
+    age = get(v, "edgepipe_sink_frame_age_seconds_sum", stage="slowout") / get(
+        v, "edgepipe_sink_frame_age_seconds_count", stage="slowout"
+    )
+    assert age < 0.5
+
+
+def test_malformed_messages_are_counted_not_fatal(live):
+    pid = live.worker_pids()["mid"]
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"ipc://{live.rundir}/mid.in")
+    for junk in ([b"\xc1garbage"], [b"\x81\xa1v\x01"], [b"not msgpack", b"x"]):
+        push.send_multipart(junk)
+    push.close(linger=2000)
+    ctx.term()
+    live.wait_until(lambda: live.sample("edgepipe_stage_errors_total", stage="mid", type="decode") == 3)
+    assert live.sample("edgepipe_stage_frames_dropped_total", stage="mid", reason="error") == 3
+    assert live.worker_pids()["mid"] == pid
+
+
+def test_kill_9_worker_is_restarted_and_counters_stay_monotonic(live):
+    pids = live.worker_pids()
+    before = live.sample("edgepipe_stage_frames_received_total", stage="mid")
+    os.kill(pids["mid"], signal.SIGKILL)
+    live.wait_for_line(r"Worker 'mid' died \(killed by SIGKILL\); restarting in 0.5 s")
+    live.wait_for_line(r"Worker 'mid' is up again")
+    new = live.wait_until(lambda: live.worker_pids().get("mid"))
+    assert new != pids["mid"]
+    assert live.worker_pids()["src"] == pids["src"]  # nothing else restarted
+    assert live.sample("edgepipe_worker_restarts_total", worker="mid") == 1
+    # Messages resume from the new process.
+    live.wait_until(lambda: any(r["meta"]["pid"] == new for r in read_jsonl(live.out)), message="frames via new mid")
+    live.wait_until(
+        lambda: live.sample("edgepipe_stage_frames_received_total", stage="mid") > before,
+        message="received counter grows on from its value before the restart",
+    )
+
+
+def test_sighup_reconfigures_in_place_or_restarts_only_what_changed(live):
+    pids = live.worker_pids()
+    start = len(live.lines)
+    cfg = live.config
+    cfg["stages"]["mid"]["tag"] = "two"  # passthrough changes its tag in place
+    live.write_config(cfg)
+    live.send(signal.SIGHUP)
+    live.wait_for_line(r"Reloaded .*: 4 worker\(s\) unchanged, 1 reconfiguring, 0 restarted", start=start)
+    live.wait_for_line(r"Stage 'mid' reconfigured in place", start=start)
+    live.wait_until(lambda: any(r["meta"]["tag"] == "two" for r in read_jsonl(live.out)), message="new tag")
+    assert live.worker_pids() == pids
+
+    start = len(live.lines)
+    cfg["stages"]["mid"]["max_batch"] = 2  # batching changes the worker's plan: restart mid only
+    live.write_config(cfg)
+    live.send(signal.SIGHUP)
+    live.wait_for_line(r"Reloaded .*: 4 worker\(s\) unchanged, 0 reconfiguring, 1 restarted", start=start)
+    live.wait_until(lambda: live.worker_pids().get("mid") not in (None, pids["mid"]), message="mid restarted")
+    now = live.worker_pids()
+    assert {k: v for k, v in now.items() if k != "mid"} == {k: v for k, v in pids.items() if k != "mid"}
+
+    start = len(live.lines)
+    cfg["stages"]["mid"]["max_batch"] = 0  # invalid: refused, the pipeline keeps running
+    live.write_config(cfg)
+    live.send(signal.SIGHUP)
+    live.wait_for_line(
+        r"Reload refused, still running the previous config: stages.mid.max_batch: Input should be greater than or equal to 1 \(got 0\)",
+        start=start,
+    )
+    assert live.worker_pids() == now
+    n = live.sample("edgepipe_sink_messages_published_total", stage="out")
+    live.wait_until(lambda: live.sample("edgepipe_sink_messages_published_total", stage="out") > n + 10)
+
+
+def test_hung_worker_is_killed_and_restarted(live):
+    cfg = live.config
+    cfg["stages"]["mid"]["max_batch"] = 1
+    cfg["stages"]["mid"]["hang_at"] = 0  # mid stops responding on its next frame
+    start = len(live.lines)
+    live.write_config(cfg)
+    live.send(signal.SIGHUP)
+    live.wait_for_line(r"Worker 'mid' sent no heartbeat for [34] s; killing it", timeout=30, start=start)
+    live.wait_for_line(r"Worker 'mid' died \(no heartbeat for [34] s \(hung\)\); restarting in", start=start)
+    code, body = live.healthz()
+    # Put it back before it crash-loops.
+    del cfg["stages"]["mid"]["hang_at"]
+    live.write_config(cfg)
+    live.send(signal.SIGHUP)
+    live.wait_until(lambda: live.healthz()[0] == 200, timeout=30, message="healthy again")
+
+
+def test_sigterm_to_the_group_drains_and_exits_0(live):
+    members = process_group_members(live.pid)
+    assert len(members) == 6  # supervisor and five workers
+    assert live.stop(group=True) == 0
+    assert "Stopping: draining in-flight frames (at most 10 s)" in live.log
+    assert live.log.rstrip().endswith("supervisor: Stopped")
+    assert not os.path.exists(os.path.join(live.rundir, "mid.in"))
