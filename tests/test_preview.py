@@ -270,7 +270,10 @@ def test_pipeline_never_waits_for_a_stuck_viewer(sink: PreviewSink, feeder: Feed
         time.sleep(2.0)
         calls = feeder.calls[n0:]
         assert len(calls) > 20
-        assert max(calls) < 0.05, f"process() took up to {max(calls) * 1000:.0f} ms"
+        # Blocking on the viewer would take the 10 s send timeout; a busy shared CPU may delay
+        # a call by a scheduling slice, hence a median bound plus a loose maximum.
+        assert float(np.median(calls)) < 0.005, f"process() median {np.median(calls) * 1000:.1f} ms"
+        assert max(calls) < 0.25, f"process() took up to {max(calls) * 1000:.0f} ms"
         assert sink.hub.encoded > 5  # the stuck viewer was served until its buffers filled
     finally:
         feeder.close()
