@@ -79,7 +79,7 @@ class SubscribeTimeout(Exception):
 def detections_schema_text() -> str:
     """The shipped JSON Schema file's text (package data, read through importlib.resources)."""
     if hasattr(importlib.resources, "files"):  # Python 3.9+
-        ref = importlib.resources.files("edgepipe") / "schemas" / "detections.schema.json"
+        ref = importlib.resources.files("edgepipe") / "schemas" / "detections.schema.json"  # novermin (guarded)
         return ref.read_text(encoding="utf-8")
     data = pkgutil.get_data("edgepipe", "schemas/detections.schema.json")  # Python 3.8
     if data is None:
