@@ -307,6 +307,10 @@ HOSTILE = {
     "models.common.autopad(...)": b"cmodels.common\nautopad\n(S'touch {marker}'\ntR.",
     "torch.nn.modules.conv.Conv2d(...)": b"ctorch.nn.modules.conv\nConv2d\n(I1\nI1\nI1\ntR.",
     "_codecs.encode": b"c_codecs\nencode\n(S'x'\nS'rot13'\ntR.",
+    "numpy.ndarray(...)": b"cnumpy\nndarray\n((I100000\nI100000\nttR.",
+    # BUILD on shared allowlist entries: a change would outlive this load
+    "BUILD on torch.HalfStorage": b"ctorch\nHalfStorage\n(N}(S'dtype'\nctorch\nfloat32\nutb.",
+    "BUILD on a placeholder class": b"cmodels.common\nConv\n(N}(S'forward'\nI1\nutb.",
     "numpy _reconstruct": b"cnumpy.core.multiarray\n_reconstruct\n(ccollections\nOrderedDict\n(I0\ntS'b'\ntR.",
 }
 
@@ -323,6 +327,9 @@ def test_hostile_pickles_refused_before_running(tmp_path, what):
     assert message.startswith(f"refusing to load {path}") and "not allowed" in message and "\n" not in message
     assert not marker.exists()
     assert set(sys.modules) == modules_before
+    from edgepipe.yolo.unpickler import _ALLOWED
+
+    assert _ALLOWED[("torch", "HalfStorage")].dtype == torch.float16  # nothing was altered
 
 
 def test_hostile_object_inside_a_realistic_checkpoint(small_model, tmp_path):
@@ -487,3 +494,15 @@ def test_cli_bad_files_exit_nonzero_with_one_line(tmp_path, content, expected):
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("edgepipe: error:") and expected in lines[0], out.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_device_resolution():
+    from edgepipe.yolo.weights import resolve_device
+
+    expected = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(resolve_device("auto")) == expected and str(resolve_device("cpu")) == "cpu"
+    with pytest.raises(WeightsError, match="unknown device 'gpu'"):
+        resolve_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(WeightsError, match="device '0' requested but CUDA is not available"):
+            resolve_device("0")

@@ -87,6 +87,15 @@ class _PlaceholderMeta(type):
     def __setattr__(cls, name: str, value: Any) -> None:
         raise UnsafePickleError(f"pickle modifying the class {cls.class_path} is not allowed")
 
+    @property
+    def __setstate__(cls) -> Callable[[Any], None]:
+        # A data descriptor on the metaclass wins over the class's own __setstate__ when BUILD
+        # targets the class itself; instances still find the class's method.
+        def refuse(state: Any) -> None:
+            raise UnsafePickleError(f"pickle modifying the class {cls.class_path} is not allowed")
+
+        return refuse
+
 
 # Module prefixes whose classes become placeholders: the reference code and torch's layers.
 PLACEHOLDER_PREFIXES = ("models.", "torch.nn.modules.")
@@ -114,14 +123,50 @@ _TORCH_DTYPES = {
 _MAX_ELEMENTS = 2 ** 33
 
 
-class _StorageType:
+class _Frozen:
+    """Shared allowlist entries: no __dict__, no attribute writes, so a pickle's BUILD opcode
+    cannot alter them (the change would outlive the load and affect the next file)."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafePickleError(f"pickle modifying {self!r} is not allowed")
+
+
+class _StorageType(_Frozen):
     """What ``torch.HalfStorage`` etc. resolve to: only a dtype for persistent_load."""
 
+    __slots__ = ("name", "dtype")
+    name: str
+    dtype: torch.dtype
+
     def __init__(self, name: str, dtype: torch.dtype) -> None:
-        self.name, self.dtype = name, dtype
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
 
     def __call__(self, *args: Any) -> Any:
         raise UnsafePickleError(f"pickle calls torch.{self.name}(...), which is not allowed")
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _Allowed(_Frozen):
+    """An allowlisted callable, reachable from a pickle only through this immutable wrapper."""
+
+    __slots__ = ("fn", "name")
+    fn: Callable[..., Any]
+    name: str
+
+    def __init__(self, name: str, fn: Callable[..., Any]) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def _refuse(what: str) -> UnsafePickleError:
@@ -197,9 +242,24 @@ def _np_dtype(spec: Any, align: Any = False, copy: Any = False) -> np.dtype:
     return np.dtype(spec, align=bool(align), copy=bool(copy))
 
 
+class _NdarrayType(_Frozen):
+    """What ``numpy.ndarray`` resolves to: only an argument for numpy's ``_reconstruct``."""
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> Any:
+        raise UnsafePickleError("pickle calls numpy.ndarray(...), which is not allowed")
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+_NDARRAY = _NdarrayType()
+
+
 def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
     """numpy's ``_reconstruct``: an empty array that BUILD then fills (ndarray.__setstate__)."""
-    if subtype is not np.ndarray:
+    if subtype is not _NDARRAY:
         raise UnsafePickleError("numpy _reconstruct of something other than numpy.ndarray is not allowed")
     if not isinstance(shape, (tuple, list)) or int(np.prod(shape)) > 1:
         raise UnsafePickleError(f"numpy _reconstruct with shape {shape!r} is not allowed")
@@ -236,7 +296,7 @@ def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
     return ModulePlaceholder.__new__(cls)  # type: ignore[arg-type]
 
 
-_ALLOWED: Dict[Tuple[str, str], Any] = {
+_CALLABLES: Dict[Tuple[str, str], Callable[..., Any]] = {
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
@@ -251,11 +311,14 @@ _ALLOWED: Dict[Tuple[str, str], Any] = {
     ("torch", "Size"): _torch_size,
     ("torch", "device"): _torch_device,
     ("numpy", "dtype"): _np_dtype,
-    ("numpy", "ndarray"): np.ndarray,  # only ever passed to _np_reconstruct, which checks it
 }
 for _core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-    _ALLOWED[(_core, "_reconstruct")] = _np_reconstruct
-    _ALLOWED[(_core, "scalar")] = _np_scalar
+    _CALLABLES[(_core, "_reconstruct")] = _np_reconstruct
+    _CALLABLES[(_core, "scalar")] = _np_scalar
+_ALLOWED: Dict[Tuple[str, str], Any] = {
+    key: _Allowed(".".join(key), fn) for key, fn in _CALLABLES.items()
+}
+_ALLOWED[("numpy", "ndarray")] = _NDARRAY
 for _name, _dtype in _STORAGE_DTYPES.items():
     for _module in ("torch", "torch.cuda"):  # torch < 1.13 named CUDA storages torch.cuda.*
         _ALLOWED[(_module, _name)] = _StorageType(_name, _dtype)

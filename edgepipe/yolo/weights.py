@@ -338,11 +338,12 @@ def build(weights: Weights, label: str = "weights") -> Model:
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """"auto" -> cuda:0 when CUDA is available, else cpu; a CUDA device without CUDA is an error."""
+    """"auto" -> cuda:0 when CUDA is available, else cpu; "0" -> cuda:0; CUDA without CUDA is an error."""
     if str(device) == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    spec = f"cuda:{device}" if str(device).isdigit() else device  # "0": the reference's spelling
     try:
-        dev = torch.device(device)
+        dev = torch.device(spec)
     except (RuntimeError, ValueError):
         raise WeightsError(f"unknown device {str(device)!r} (expected auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
