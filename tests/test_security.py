@@ -371,3 +371,67 @@ def test_keys_generate_cli(tmp_path: Path):
     bad = run_cli("keys", "generate", str(target), "--name", "../escape")
     assert bad.returncode != 0 and "is not a key name" in bad.stderr
     assert not (tmp_path / "escape.key").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The cross-host frame link: zmq_push sink -> zmq source, both stages as shipped
+
+
+def test_frame_link_over_curve_admits_only_allowed_senders(keys: Path):
+    import numpy as np
+    from edgepipe_plugins.sinks.zmq_push import ZmqPushConfig, ZmqPushSink
+    from edgepipe_plugins.sources.zmq import ZmqConfig, ZmqSource
+
+    from edgepipe.messages import Frame
+    from edgepipe.stage import EndOfStream, StageContext
+
+    port = _free_port()
+    receiver = ZmqSource(
+        ZmqConfig(bind=f"tcp://0.0.0.0:{port}", stop_on_eos=True, live=False,
+                  curve=server_curve(keys)),
+        StageContext("remote"),
+    )
+    receiver.check()
+    receiver.start()
+
+    def sender(secret: str, name: str) -> ZmqPushSink:
+        cfg = ZmqPushConfig(connect=f"tcp://127.0.0.1:{port}", send_timeout=0.5, hwm=1,
+                            curve=client_curve(keys, secret))
+        sink = ZmqPushSink(cfg, StageContext(name))
+        sink.check()
+        sink.start()
+        return sink
+
+    image = np.arange(48 * 64, dtype=np.uint8).reshape(48, 64)
+    stranger = sender("stranger/mallory.key_secret", "mallory")
+    allowed = sender("allowed/alice.key_secret", "alice")
+    try:
+        stranger.process([Frame("evil", k, 1.0, image=image) for k in range(5)])
+        allowed.process([Frame("cam", k, 2.0 + k, image=image) for k in range(20)])
+        allowed.flush()  # the end marker ends the receiving source
+        frames = []
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                frame = receiver.read()
+            except EndOfStream:
+                break
+            if frame is not None:
+                frames.append(frame)
+    finally:
+        allowed.stop()
+        stranger.stop()
+        receiver.stop()
+    assert [f.meta["upstream"] for f in frames] == [{"source": "cam", "frame_id": k} for k in range(20)]
+    np.testing.assert_array_equal(frames[-1].image, image)
+    # The stranger never completed a handshake: its frames queued, then timed out.
+    assert stranger.metrics.published.value <= 1
+    assert stranger.metrics.dropped.labels("queue_full").value >= 4
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
