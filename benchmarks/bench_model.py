@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import sys
 import time
@@ -65,8 +66,10 @@ def main(argv: List[str]) -> int:
     unfused = build_model(DEFAULT_CFG).eval()
     fused = copy.deepcopy(unfused).fuse()
     results: Dict[str, Dict[str, float]] = {}
-    print(f"{DEFAULT_CFG}, 1 channel, {args.imgsz}x{args.imgsz}, CPU, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}, median of {args.repeats}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{DEFAULT_CFG}, 1 channel, {args.imgsz}x{args.imgsz}, CPU, {torch.get_num_threads()} threads "
+          f"of {os.cpu_count()} cores (load average {load:.1f} before the run), torch {torch.__version__}, "
+          f"median of {args.repeats}")
     print(f"{'batch':>5}  {'unfused img/s':>14}  {'fused img/s':>12}  {'unfused ms/img':>15}  {'fused ms/img':>13}")
     for batch in (1, 4):
         r = compare({"unfused": unfused, "fused": fused}, batch, args.imgsz, args.repeats, cpu,

@@ -94,7 +94,7 @@ def _sniff(path: Path) -> str:
         return "safetensors"
     if head.startswith(b"\x80\x02\x8a\x0a"):
         return "legacy-torch"
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+    if len(head) >= 2 and head[:1] == b"\x80" and 2 <= head[1] <= 5:
         return "pickle"
     if path.suffix.lower() == ".onnx":
         return "an ONNX model"
@@ -115,7 +115,7 @@ def _names_list(names: Any, nc: int) -> Optional[List[str]]:
     if isinstance(names, (list, tuple)) and len(names) == nc:
         return [str(n) for n in names]
     if names is not None:
-        log.warning("Ignoring %d class names for a model with nc=%d", len(names), nc)
+        log.warning("Ignoring class names %.60r: they do not fit a model with nc=%d", names, nc)
     return None
 
 
