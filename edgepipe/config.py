@@ -18,7 +18,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from typing_extensions import Literal
 
 from edgepipe.registry import PluginError, Registry
@@ -64,6 +64,14 @@ class MetricsConfig(BaseModel):
         pattern=r"^[^:]+:.+$",
         description="'user:password' to require HTTP basic auth (use ${VAR} to keep it out of the file).",
     )
+
+    @field_validator("listen")
+    @classmethod
+    def _port_in_range(cls, value: str) -> str:
+        port = int(value.rsplit(":", 1)[1])
+        if port > 65535:
+            raise ValueError(f"port {port} is out of range (0-65535, 0 picks a free one)")
+        return value
 
 
 class RuntimeConfig(BaseModel):
@@ -173,7 +181,8 @@ class Pipeline:
         return out
 
 
-_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# The last alternative catches a ``${`` that is neither ``$${`` nor a well-formed reference.
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: str, errors: List[str]) -> Any:
@@ -188,6 +197,12 @@ def interpolate(value: Any, env: Mapping[str, str], path: str, errors: List[str]
     def sub(m: re.Match) -> str:
         if m.group(0) == "$${":
             return "${"
+        if m.group(0) == "${":
+            errors.append(
+                f"{path}: malformed variable reference in {value!r}: expected ${{NAME}} or "
+                "${NAME:-default} (write $${ for a literal ${)"
+            )
+            return m.group(0)
         name, default = m.group(1), m.group(2)
         if name in env:
             return env[name]
@@ -225,6 +240,14 @@ def format_validation_error(exc: ValidationError, prefix: str = "", drop: Option
             lines.append(f"{path}: required key missing")
             continue
         value = err.get("input")
+        if typ == "value_error" and isinstance(value, dict):
+            # A model validator's error: its input is the whole mapping, too long to echo; when
+            # it starts by naming one of the keys ("bind: refusing ..."), that key is the path.
+            key, sep, rest = msg.partition(": ")
+            if sep and key in value:
+                path, msg = f"{path}.{key}" if path else key, rest
+            lines.append(f"{path}: {msg}")
+            continue
         got = repr(value)
         if len(got) > 80:
             got = got[:77] + "..."
@@ -441,7 +464,13 @@ def load_config(
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
     try:
-        data = yaml.safe_load(text)
+        # yaml.safe_load in two steps, to see the nodes: it keeps a repeated key's last value.
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -449,4 +478,30 @@ def load_config(
         raise ConfigError([f"{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
     if data is None:
         raise ConfigError([f"{path}: the file is empty"])
+    duplicates = _duplicate_keys(node, "", set())
+    if duplicates:
+        raise ConfigError(duplicates)
     return parse_config(data, registry, env, path=os.path.abspath(path))
+
+
+def _duplicate_keys(node: Any, path: str, seen_nodes: Set[int]) -> List[str]:
+    """One line per mapping key written twice (a second stage of the same name would silently
+    replace the first)."""
+    if id(node) in seen_nodes:  # an alias: checked where its anchor is
+        return []
+    seen_nodes.add(id(node))
+    errors: List[str] = []
+    if isinstance(node, yaml.MappingNode):
+        lines: Dict[str, int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            where = f"{path}.{name}" if path else name
+            line = key.start_mark.line + 1
+            if name in lines:
+                errors.append(f"{where}: duplicate key (lines {lines[name]} and {line})")
+            lines.setdefault(name, line)
+            errors += _duplicate_keys(value, where, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            errors += _duplicate_keys(item, f"{path}[{i}]", seen_nodes)
+    return errors
