@@ -48,6 +48,7 @@ DETECTIONS_SCHEMA = "edgepipe.detections/v1"
 # The ndarray fields of a Frame, and the dtypes the wire accepts for them.
 ARRAY_FIELDS = ("image", "original", "candidates", "detections")
 _DTYPES = {"uint8", "uint16", "float16", "float32", "float64", "int32", "int64"}
+_MIN_NDIM = 2  # every array field is at least (rows, columns): images (H, W[, C]), boxes (n, k)
 _MAX_NDIM = 4
 
 
@@ -161,15 +162,15 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
             raise MessageError("end marker with payload parts")
         return EndMarker(source)
 
-    def num(key: str, kind: type) -> Any:
+    def num(key: str, kind: Union[type, Tuple[type, ...]], what: str) -> Any:
         value = header.get(key)
         if isinstance(value, bool) or not isinstance(value, kind):
-            raise MessageError(f"header {key!r} must be {kind.__name__}, got {value!r:.40}")
+            raise MessageError(f"header {key!r} must be {what}, got {value!r:.40}")
         return value
 
-    frame_id = num("frame_id", int)
-    timestamp = float(num("timestamp", (int, float)))  # type: ignore[arg-type]
-    width, height = num("width", int), num("height", int)
+    frame_id = num("frame_id", int, "an integer")
+    timestamp = float(num("timestamp", (int, float), "a number"))
+    width, height = num("width", int, "an integer"), num("height", int, "an integer")
     if frame_id < 0 or width < 0 or height < 0 or not math.isfinite(timestamp):
         raise MessageError("header frame_id/width/height/timestamp out of range")
     names = header.get("names")
@@ -194,21 +195,23 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         name, dtype, shape = spec
         if name not in ARRAY_FIELDS or name in arrays:
             raise MessageError(f"array field {name!r:.40} unknown or repeated")
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise MessageError(f"array {name!r} has dtype {dtype!r:.20}; accepted: {sorted(_DTYPES)}")
         if (
             not isinstance(shape, list)
-            or len(shape) > _MAX_NDIM
+            or not _MIN_NDIM <= len(shape) <= _MAX_NDIM
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
         ):
             raise MessageError(f"array {name!r} has a bad shape {shape!r:.60}")
         buf = _buffer(part)
-        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
         if buf.nbytes != expected:
             raise MessageError(
                 f"array {name!r} {dtype}{tuple(shape)} needs {expected} bytes, got {buf.nbytes}"
             )
-        arrays[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr = np.frombuffer(buf, dtype=dtype).reshape(shape)
+        arr.flags.writeable = False  # a view of the message buffer: stages assign new arrays
+        arrays[name] = arr
 
     return Frame(
         source=source,
