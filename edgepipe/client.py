@@ -135,7 +135,7 @@ def subscribe_raw(
         detections_only = topic.startswith("detections/")
         max_message_size = DETECTION_MAX_MESSAGE_SIZE if detections_only else FRAME_MAX_MESSAGE_SIZE
     check_connect(endpoint, curve, what="endpoint")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVHWM, 1000)

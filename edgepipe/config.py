@@ -120,8 +120,8 @@ class PipelineConfig(BaseModel):
         description="Stage name -> settings: 'type' (a plugin, see `edgepipe plugins`), the "
         "plugin's options, 'inputs'.",
     )
-    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics endpoint.")
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime settings.")
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig, description="Metrics endpoint.")  # type: ignore[arg-type]
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Runtime settings.")  # type: ignore[arg-type]
 
 
 class Pipeline:

@@ -76,14 +76,12 @@ class Plugin:
         discriminated union, and what a stage's settings validate against."""
         if self._model is None:
             cls = self.load()
+            tag: Any = Literal[self.name]  # type: ignore[valid-type]
             self._model = create_model(  # type: ignore[call-overload]
                 f"{cls.__name__}Settings",
                 __base__=cls.Config,
                 __doc__=cls.description() or None,
-                type=(
-                    Literal[self.name],  # type: ignore[valid-type]
-                    Field(description=f"Stage type: {cls.description() or self.name}"),
-                ),
+                type=(tag, Field(description=f"Stage type: {cls.description() or self.name}")),
             )
         assert self._model is not None
         return self._model
@@ -98,8 +96,9 @@ def _check_class(name: str, target: str, obj: Any) -> Optional[str]:
         return f"{where} has a Config that is not a StageConfig subclass (got {config!r:.80})"
     if "type" in config.model_fields:
         return f"{where} declares a 'type' field in its Config; the registry adds it"
-    if getattr(obj, "__abstractmethods__", None):
-        missing = ", ".join(sorted(obj.__abstractmethods__))
+    abstract = getattr(obj, "__abstractmethods__", None)
+    if abstract:
+        missing = ", ".join(sorted(abstract))
         return f"{where} does not implement {missing}"
     return None
 

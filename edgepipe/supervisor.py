@@ -474,7 +474,7 @@ class Supervisor:
         self.exit_code = max(self.exit_code, code)
         self.stop_deadline = time.monotonic() + self.rt.stop_timeout
         self.notifier.stopping()
-        log.info("Stopping: draining in-flight frames (at most %.0f s)", self.rt.stop_timeout)
+        log.info("Stopping: draining in-flight frames (at most %g s)", self.rt.stop_timeout)
         for w in self.workers.values():
             w.restart_at = None
             if w.alive:
@@ -495,7 +495,7 @@ class Supervisor:
         left = [w for w in self.workers.values() if w.alive]
         if left:
             log.warning(
-                "Killed %d worker(s) that did not drain within %.0f s: %s",
+                "Killed %d worker(s) that did not drain within %g s: %s",
                 len(left), self.rt.stop_timeout, ", ".join(w.name for w in left),
             )
         for w in left:
@@ -552,12 +552,12 @@ class Supervisor:
                     w.proc.wait()
                 restarted += 1
         for name, stages in groups.items():
-            w = self.workers.get(name)
-            if w is None:
-                w = self.workers[name] = WorkerState(name, stages)
-                self.spawn(w)
+            if name not in self.workers:
+                self.workers[name] = WorkerState(name, stages)
+                self.spawn(self.workers[name])
                 restarted += 1
                 continue
+            w = self.workers[name]
             w.stages = stages
             plan = plan_worker(new, self.rundir, name, w.incarnation, self.ended)
             old = old_plans.get(name)

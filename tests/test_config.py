@@ -302,3 +302,20 @@ def test_validate_cli_reports_unknown_type(tmp_path):
     line = r.stderr.strip()
     assert line.startswith("edgepipe: error: stages.post.type: 'nmz' is not a stage type; known: ")
     assert "yolov5" in line and "synthetic" in line
+
+
+def test_validate_is_static_and_never_imports_torch():
+    """Validating the shipped configs imports every plugin they name, but not torch (only the
+    detector's worker does), and opens no device."""
+    code = (
+        "import sys; from edgepipe.config import load_config\n"
+        "for c in ('configs/synthetic.yaml', 'configs/camera.yaml', 'configs/multi-camera.yaml'):\n"
+        "    load_config(c)\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'onnxruntime') if m in sys.modules))"
+    )
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

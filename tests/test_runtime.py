@@ -342,3 +342,91 @@ def test_sigterm_to_the_group_drains_and_exits_0(live):
     assert "Stopping: draining in-flight frames (at most 10 s)" in live.log
     assert live.log.rstrip().endswith("supervisor: Stopped")
     assert not os.path.exists(os.path.join(live.rundir, "mid.in"))
+
+
+# -- stopping when a stage will not drain, forced stops, output formats -------------------------
+
+
+def _stuck_config(tmp_path: Path, name: str) -> dict:
+    # 'mid' stops responding at frame 5; hang_timeout is long so nobody restarts it.
+    return {
+        "name": name,
+        "stages": {
+            "src": {"type": "counter", "fps": 50},
+            "mid": {"type": "passthrough", "inputs": ["src"], "hang_at": 5},
+            "out": {"type": "record", "inputs": ["mid"], "path": str(tmp_path / "o.jsonl")},
+        },
+        "runtime": {"stop_timeout": 1.5, "hang_timeout": 300},
+    }
+
+
+def test_stop_timeout_kills_what_does_not_drain(tmp_path):
+    with Daemon(_stuck_config(tmp_path, "stuck"), tmp_path) as d:
+        d.wait_ready()
+        d.wait_until(lambda: d.healthz()[1]["stages"]["mid"]["seconds_since_progress"] > 0.5)
+        t0 = time.monotonic()
+        assert d.stop() == 0
+        took = time.monotonic() - t0
+    assert 1.4 < took < 6, took
+    # The hung stage, the source waiting for it to take its end marker, and the sink behind it.
+    assert "Killed 3 worker(s) that did not drain within 1.5 s: src, mid, out" in d.log
+
+
+def test_second_sigint_forces_exit(tmp_path):
+    with Daemon(_stuck_config(tmp_path, "force"), tmp_path) as d:
+        d.wait_ready()
+        d.send(signal.SIGINT)
+        d.wait_for_line("Stopping: draining")
+        d.send(signal.SIGINT)
+        assert d.wait(10) == 130
+        d.assert_no_leftovers()
+    assert "Second SIGINT: killing every worker now" in d.log
+
+
+def test_status_in_place_on_a_terminal_and_plain_for_journald(tmp_path):
+    import pty
+
+    config = {
+        "name": "tty",
+        "stages": {
+            "src": {"type": "counter", "count": 40, "fps": 20},
+            "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+    }
+    import yaml
+
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgepipe", "run", str(tmp_path / "c.yaml")],
+        stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary, start_new_session=True,
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # EIO: the terminal's other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(30) == 0
+    os.close(primary)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "\x1b[3F\x1b[J" in screen  # the three-line board redrawn in place
+    assert "edgepipe tty: 2 stages" in screen and "fps" in screen
+    assert "Finished in" in screen
+
+    # Under journald: no timestamps, a syslog priority prefix per line.
+    env = dict(os.environ, JOURNAL_STREAM="8:1234")
+    r = subprocess.run(
+        [sys.executable, "-m", "edgepipe", "run", str(tmp_path / "c.yaml")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert r.returncode == 0
+    lines = r.stderr.splitlines()
+    assert any(x.startswith("<6>supervisor: Ready: 2 stages in 2 workers") for x in lines), r.stderr
+    assert any(x.startswith("<6>supervisor: Status: src ") for x in lines) or len(lines) >= 2
+    assert all(x.startswith("<") for x in lines), r.stderr
