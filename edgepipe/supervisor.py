@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -118,6 +119,7 @@ def plan_worker(
         "worker": worker,
         "incarnation": incarnation,
         "control": rundir.control_endpoint,
+        "supervisor_pid": os.getpid(),
         "runtime_dir": rundir.path,
         "log_level": rt.log_level,
         "heartbeat_interval": rt.heartbeat_interval,

@@ -137,7 +137,7 @@ class Worker:
         self.exit_allowed = False  # the supervisor's EXIT: our consumers have our end markers
         self.killed = False  # supervisor gone: give up waiting on links
         self.next_heartbeat = 0.0
-        self.parent = os.getppid()
+        self.parent = int(plan.get("supervisor_pid") or os.getppid())
         self.poller = zmq.Poller()
         self.poller.register(self.control, zmq.POLLIN)
         self.registry = Registry.discover()
@@ -456,6 +456,19 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker if the supervisor dies (kill -9, OOM), even while
+    a stage is busy in a long call; the loop's parent check covers other systems."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _set_title(name: str) -> None:
     try:
         import setproctitle
@@ -473,6 +486,9 @@ def main() -> int:
     faulthandler.enable()
     plan = json.load(sys.stdin)
     sys.stdin.close()
+    _die_with_parent()
+    if os.getppid() != plan.get("supervisor_pid", os.getppid()):
+        return EXIT_CRASHED  # the supervisor died before the request above took effect
     configure_logging(plan.get("log_level", "info"), plan["worker"])
     _set_title(f"edgepipe: {plan['pipeline']}/{plan['worker']}")
     worker = Worker(plan)

@@ -430,3 +430,52 @@ def test_status_in_place_on_a_terminal_and_plain_for_journald(tmp_path):
     assert any(x.startswith("<6>supervisor: Ready: 2 stages in 2 workers") for x in lines), r.stderr
     assert any(x.startswith("<6>supervisor: Status: src ") for x in lines) or len(lines) >= 2
     assert all(x.startswith("<") for x in lines), r.stderr
+
+
+def test_workers_die_with_a_killed_supervisor_and_the_next_daemon_cleans_up(tmp_path):
+    config = {
+        "name": "orphan",
+        "stages": {
+            "src": {"type": "counter", "fps": 20},
+            "mid": {"type": "passthrough", "inputs": ["src"], "sleep_ms": 5},
+            "out": {"type": "record", "inputs": ["mid"], "path": str(tmp_path / "o.jsonl")},
+        },
+    }
+    runtime_base = Path(tempfile.mkdtemp(prefix="ep-x-", dir="/tmp"))
+    env = {"XDG_RUNTIME_DIR": str(runtime_base)}
+    with Daemon(config, tmp_path, env=env) as d:
+        d.wait_ready()
+        stale = runtime_base / f"edgepipe-orphan-{d.pid}"
+        assert (stale / "mid.in").exists()
+        os.kill(d.pid, signal.SIGKILL)
+        assert d.wait(10) == -signal.SIGKILL
+        d.assert_no_leftovers(grace=5)  # the workers went with it
+    assert stale.is_dir()  # nobody cleaned up after a kill -9 ...
+    with Daemon(config, tmp_path, env=env) as d2:
+        d2.wait_ready()
+        assert not stale.exists()  # ... until the next daemon of that name started
+        assert (runtime_base / f"edgepipe-orphan-{d2.pid}").is_dir()
+        assert d2.stop() == 0
+    assert list(runtime_base.iterdir()) == []
+    runtime_base.rmdir()
+
+
+def test_two_daemons_side_by_side(tmp_path):
+    def config(name: str, sub: str) -> dict:
+        (tmp_path / sub).mkdir()
+        return {
+            "name": name,
+            "stages": {
+                "src": {"type": "counter", "fps": 20},
+                "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / sub / "o.jsonl")},
+            },
+        }
+
+    # Same pipeline name and stage names: only the (free) metrics ports differ.
+    with Daemon(config("twin", "a"), tmp_path / "a") as a, Daemon(config("twin", "b"), tmp_path / "b") as b:
+        a.wait_ready()
+        b.wait_ready()
+        assert a.metrics_address != b.metrics_address
+        for d, sub in ((a, "a"), (b, "b")):
+            d.wait_until(lambda sub=sub: len(read_jsonl(tmp_path / sub / "o.jsonl")) > 5, message=sub)
+        assert a.stop() == 0 and b.stop() == 0
