@@ -210,8 +210,10 @@ class StageMetrics:
     Counted by the worker loop around every call (a stage does not touch these):
       ``received``, ``sent`` (Counter), ``dropped.labels(reason)`` with reason in
       skipped|queue_full|error, ``errors.labels(type)`` with type in decode|process|source,
-      ``processing_seconds`` (Histogram), ``busy_seconds`` (Counter), ``last_progress`` (Gauge,
-      unix time), and for sources ``frames_read``, ``last_frame_timestamp``, ``fps``.
+      ``processing_seconds`` (Histogram: one ``process()`` call, or for sources one ``read()``
+      that returned a frame, which includes waiting on the device), ``busy_seconds`` (Counter,
+      the same time summed), ``last_progress`` (Gauge, unix time), and for sources
+      ``frames_read``, ``last_frame_timestamp``, ``fps``.
 
     Recorded by the stage itself, where it applies:
       - sources: ``metrics.reconnects.inc()`` after each reconnect to a camera/stream;

@@ -162,8 +162,23 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     A worker may be killed at any time (kill -9, OOM): stages must not rely on ``stop`` for
     correctness of data already emitted.
 
-    Frames are :class:`edgepipe.messages.Frame`. A stage may modify and return the frames it was
-    given (they are its own copies) but must not keep references to them after returning.
+    Frames are :class:`edgepipe.messages.Frame`. A stage may change and return the frames it was
+    given (they are its own) but must not keep references to them after returning. Their arrays
+    arrive as read-only views of the message buffer (no copy): assign a new array instead of
+    writing into one. Arrays a stage emits are sent without copying, so it must not write into
+    them after returning them either (allocate a fresh array per frame).
+
+    Threads: ``check`` runs in the supervisor; everything else runs on the worker's one main
+    thread. A stage may start its own threads in ``start`` (a grab thread keeping the newest
+    camera frame) and must join them in ``stop``; ``self.metrics`` is safe to use from them.
+    ``self.log`` lines are one line each, for events (started, reconnected, gave up); per-frame
+    numbers belong in ``self.metrics``.
+
+    Errors: raising :class:`StageError` from ``start``, ``read`` or ``process`` means the stage
+    cannot go on: the worker exits and the supervisor restarts it with backoff (at start-up, the
+    daemon fails). Any other exception from ``process`` drops that call's frames (counted as
+    ``errors{type="process"}`` and ``dropped{reason="error"}``, logged at most every 10 s) and the
+    stage goes on; from ``read`` it counts ``errors{type="source"}`` and ``read`` is retried.
 
     Class attributes a plugin sets: ``Config`` (a :class:`StageConfig` subclass), ``kind``
     (set by the three bases), the class docstring's first line (shown by ``edgepipe plugins``),
