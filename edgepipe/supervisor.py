@@ -288,6 +288,7 @@ class Supervisor:
             pass  # it died at once; the exit is handled like any other
         with self.lock:
             w.proc = proc
+            w.restart_at = None
             w.ready = False
             w.finished = False
             w.exit_sent = False
