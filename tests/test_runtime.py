@@ -479,3 +479,42 @@ def test_two_daemons_side_by_side(tmp_path):
         for d, sub in ((a, "a"), (b, "b")):
             d.wait_until(lambda sub=sub: len(read_jsonl(tmp_path / sub / "o.jsonl")) > 5, message=sub)
         assert a.stop() == 0 and b.stop() == 0
+
+
+def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
+    """synthetic -> letterbox -> yolov5 -> nms -> zmq_pub from the first-party plugins: the
+    detector's worker is killed, the supervisor brings it back (model reloaded and warmed) and
+    detections resume with frame ids still increasing; the source never restarts."""
+    import socket
+
+    from helpers.daemon import Subscriber
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    config = {
+        "name": "chain",
+        "stages": {
+            "cam": {"type": "synthetic", "width": 160, "height": 120, "fps": 10},
+            "prep": {"type": "letterbox", "inputs": ["cam"], "imgsz": 64},
+            "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": "yolov5n",
+                         "device": "cpu", "threads": 1, "imgsz": 64},
+            "post": {"type": "nms", "inputs": ["detector"]},
+            "pub": {"type": "zmq_pub", "inputs": ["post"], "bind": endpoint},
+        },
+    }
+    with Subscriber(endpoint) as sub, Daemon(config, tmp_path) as d:
+        d.wait_ready()
+        sub.wait_for(lambda ms: len(ms) >= 5, timeout=60)
+        pids = d.worker_pids()
+        os.kill(pids["detector"], signal.SIGKILL)
+        d.wait_for_line(r"Worker 'detector' died \(killed by SIGKILL\); restarting in 0.5 s")
+        d.wait_for_line(r"Worker 'detector' is up again", timeout=120)
+        seen = len(sub.snapshot())
+        msgs = sub.wait_for(lambda ms: len(ms) >= seen + 5, timeout=60)
+        ids = [m["frame_id"] for _, m in msgs]
+        assert ids == sorted(set(ids)), "frame ids must keep increasing across the restart"
+        assert d.worker_pids()["cam"] == pids["cam"]
+        assert d.sample("edgepipe_worker_restarts_total", worker="detector") == 1
+        assert d.sample("edgepipe_detector_info", stage="detector", device="cpu") == 1.0
+        assert d.stop() == 0
