@@ -53,6 +53,8 @@ INPROC_HWM = 1000  # same-thread links: drained every loop turn, so this is neve
 IDLE_WAIT_S = 0.1
 ERROR_LOG_INTERVAL_S = 10.0
 END_HINT_QUIET_S = 1.0
+SOURCE_SPIN_S = 0.001
+SOURCE_SPIN_WAIT_S = 0.01
 
 
 class StageRunner:
@@ -83,6 +85,7 @@ class StageRunner:
         self.stop_requested = False
         self.last_error_log = 0.0
         self.fps_window: List[Tuple[float, float]] = []
+        self.spinning = False  # a source whose read() returned None without waiting
 
     @property
     def policy(self) -> str:
@@ -321,9 +324,10 @@ class Worker:
             self.count_error(r, "source", exc, 0)
             time.sleep(IDLE_WAIT_S)  # do not spin on a source that keeps failing
             return
+        dt = time.monotonic() - t0
+        r.spinning = frame is None and dt < SOURCE_SPIN_S
         if frame is None:
             return
-        dt = time.monotonic() - t0
         m = r.metrics
         m.processing_seconds.observe(dt)
         m.busy_seconds.inc(dt)
@@ -392,8 +396,11 @@ class Worker:
             self.emit(r, list(out))
 
     def wait_time(self) -> float:
-        if self.running and any(r.is_source and not r.done for r in self.runners):
-            return 0.0  # sources wait inside read()
+        sources = [r for r in self.runners if r.is_source and not r.done]
+        if self.running and sources:
+            # Sources wait inside read(); one that returns at once with nothing gets a short
+            # pause here instead of a busy loop.
+            return SOURCE_SPIN_WAIT_S if all(r.spinning for r in sources) else 0.0
         wait = IDLE_WAIT_S
         now = time.monotonic()
         for r in self.runners:
