@@ -190,3 +190,53 @@ def test_schema_command_prints_the_shipped_file():
     r = subprocess.run([sys.executable, "-m", "edgepipe", "schema", "nope"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip() == "edgepipe: error: schema 'nope': expected 'config' or 'detections'"
+
+
+def test_subscribe_prints_bare_json_and_times_out(tmp_path):
+    """`edgepipe subscribe` against a real PUB socket: bare JSON lines, --count, --timeout."""
+    import subprocess
+    import sys
+    import threading
+
+    import zmq
+
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    stop = threading.Event()
+    frame = Frame(source="cam", frame_id=0, timestamp=time.time(), width=4, height=3)
+
+    def publish():
+        i = 0
+        while not stop.is_set():
+            frame.frame_id = i
+            pub.send_multipart([b"detections/cam", dumps(detection_message(frame))])
+            pub.send_multipart([b"frames/cam", b"\xff\xd8 not json"])
+            i += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=publish)
+    t.start()
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "edgepipe", "subscribe", endpoint, "--count", "3", "--timeout", "30"],
+            capture_output=True, text=True, timeout=60,
+        )
+    finally:
+        stop.set()
+        t.join()
+        pub.close(0)
+        ctx.term()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 3
+    ids = [json.loads(x)["frame_id"] for x in lines]
+    assert ids == sorted(ids) and all(DetectionMessage.model_validate_json(x) for x in lines)
+    # Nothing published there any more: --timeout exits non-zero with one line.
+    r = subprocess.run(
+        [sys.executable, "-m", "edgepipe", "subscribe", endpoint, "--timeout", "0.5"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"edgepipe: error: no message on {endpoint} (topic 'detections/') within 0.5 s"
