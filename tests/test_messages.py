@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgepipe.client import DetectionMessage, build_detections_schema, detections_schema, detections_schema_text
+from edgepipe.client import (
+    DetectionMessage,
+    build_detections_schema,
+    detections_schema,
+    detections_schema_text,
+)
 from edgepipe.messages import (
     DETECTIONS_SCHEMA,
     EndMarker,
