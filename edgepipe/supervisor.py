@@ -13,7 +13,8 @@ The main loop (one thread; signal handlers only set flags) then:
   exponential backoff, and gives up, exiting 1 with the reason, when one worker needed
   ``runtime.restart_limit`` restarts within ``runtime.restart_window`` s;
 - SIGTERM/SIGINT: STOP to every worker: sources end, the end markers drain the in-flight frames
-  through the sinks, workers exit; exit 0, killing what is left after ``runtime.stop_timeout``.
+  through the sinks, workers exit; exit 0. What is left after ``runtime.stop_timeout`` is killed
+  and the exit code is 1 (a drain that lost frames is a failure).
   A second SIGINT kills everything at once (exit 130);
 - SIGHUP: re-read the config file; an invalid one is logged and the running pipeline keeps going;
   otherwise unchanged workers keep running, stages whose settings changed get ``reconfigure()``
@@ -495,12 +496,16 @@ class Supervisor:
         self.stop_deadline = time.monotonic() + self.rt.stop_timeout
 
     def kill_stragglers(self) -> None:
+        """The drain timed out: kill what is left. In-flight frames are lost, so the daemon exits
+        1 (systemd records a failed stop) unless it was already exiting with another code."""
         left = [w for w in self.workers.values() if w.alive]
         if left:
-            log.warning(
-                "Killed %d worker(s) that did not drain within %g s: %s",
+            log.error(
+                "Drain incomplete: killed %d worker(s) that did not drain within %g s: %s; "
+                "frames still in flight were lost",
                 len(left), self.rt.stop_timeout, ", ".join(w.name for w in left),
             )
+            self.exit_code = max(self.exit_code, EXIT_FAILED)
         for w in left:
             assert w.proc is not None
             w.proc.kill()
