@@ -81,8 +81,10 @@ class RuntimeConfig(BaseModel):
 
     dir: Optional[str] = Field(
         None,
-        description="Directory for the ipc:// sockets. Default: $RUNTIME_DIRECTORY (systemd), "
-        "else a private 0700 directory per daemon under $XDG_RUNTIME_DIR or the temp dir.",
+        description="Directory for the ipc:// sockets, private to the daemon: created 0700 when "
+        "missing, tightened to 0700 when it is ours, refused when another user owns it or others "
+        "may write in it. Default: $RUNTIME_DIRECTORY (systemd), else a private 0700 directory per "
+        "daemon under $XDG_RUNTIME_DIR or the temp dir.",
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     stop_timeout: float = Field(

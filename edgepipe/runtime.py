@@ -1,7 +1,9 @@
 """The runtime directory: where a daemon's ipc:// sockets live, private to it.
 
 Chosen in this order: the config's ``runtime.dir``; ``$RUNTIME_DIRECTORY`` (systemd's
-``RuntimeDirectory=``, created for the service with the right owner and mode); else a fresh
+``RuntimeDirectory=``, created for the service with the right owner and mode); a directory given
+either way is created 0700 when missing, tightened to 0700 when it is ours and only readable by
+others, and refused when it belongs to another user or others may write in it; else a fresh
 ``edgepipe-<name>-<pid>`` directory, mode 0700, under ``$XDG_RUNTIME_DIR`` or the temp dir. The
 supervisor holds an exclusive lock (``flock``) on ``edgepipe.lock`` inside it for its whole life:
 a second daemon on the same directory is refused, and a directory whose lock nobody holds was
@@ -17,6 +19,7 @@ import glob
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from typing import IO, Iterable, Mapping, Optional
 
@@ -111,6 +114,34 @@ def _lock_as_ours(path: str, lock: IO[str]) -> None:
     lock.flush()
 
 
+def _make_private(path: str) -> None:
+    """Make an existing directory fit for ipc sockets: ours and mode 0700.
+
+    Anyone who can enter the directory can connect to the sockets, and anyone who can write in it
+    can replace them, so: a directory of another user, or one that others may write in (a shared
+    directory such as /tmp), is refused (RuntimeDirError); one of ours that others may only read
+    or enter is tightened to 0700 with a warning."""
+    st = os.stat(path)
+    mode = stat.S_IMODE(st.st_mode)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeDirError(f"runtime dir {path!r} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise RuntimeDirError(
+            f"runtime dir {path!r} belongs to uid {st.st_uid}, not to this daemon's uid "
+            f"{os.geteuid()}; ipc sockets need a private directory of its own"
+        )
+    if mode & 0o022:
+        raise RuntimeDirError(
+            f"runtime dir {path!r} is writable by other users (mode {mode:04o}); ipc sockets need "
+            "a private directory: name one of this daemon's own (it is created 0700)"
+        )
+    if mode & 0o077:
+        os.chmod(path, 0o700)
+        log.warning(
+            "Tightened runtime dir %r from mode %04o to 0700: its ipc sockets must be private", path, mode
+        )
+
+
 def _clean_stale(base: str, name: str) -> None:
     """Remove ``edgepipe-<name>-*`` directories whose daemon is gone (nobody holds the lock)."""
     for path in glob.glob(os.path.join(base, f"edgepipe-{name}-*")):
@@ -136,6 +167,7 @@ def open_runtime_dir(
         path = os.path.abspath(os.path.expanduser(given))
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            _make_private(path)
             lock = _try_lock(path)
         except OSError as exc:
             raise RuntimeDirError(f"runtime dir {path!r}: {exc.strerror or exc}") from None

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -146,6 +148,56 @@ def test_taken_metrics_port_fails_fast(tmp_path):
     assert r.stderr.strip() == (
         f"edgepipe: error: metrics.listen: cannot listen on '127.0.0.1:{port}': Address already in use"
     )
+
+
+def test_configured_runtime_dir_is_made_private_or_refused(tmp_path):
+    """ipc sockets must live in a 0700 directory: a configured runtime.dir of ours that others may
+    enter is tightened to 0700; one that others may write in, or another user's, is refused with
+    one line before any worker starts, and left as it was."""
+    base = Path(tempfile.mkdtemp(prefix="ep-", dir="/tmp"))  # short: ipc paths have a length limit
+    try:
+        loose = base / "loose"
+        loose.mkdir()
+        loose.chmod(0o755)
+        config = {
+            "name": "private",
+            "stages": {
+                "src": {"type": "counter", "count": 3},
+                "out": {"type": "record", "inputs": ["src"], "path": str(tmp_path / "o.jsonl")},
+            },
+            "metrics": {"listen": "127.0.0.1:0"},
+            "runtime": {"dir": str(loose)},
+        }
+        r = _run(tmp_path, config)
+        assert r.returncode == 0, r.stderr
+        assert f"Tightened runtime dir {str(loose)!r} from mode 0755 to 0700" in r.stderr
+        assert stat.S_IMODE(loose.stat().st_mode) == 0o700
+        assert [x["frame_id"] for x in read_jsonl(tmp_path / "o.jsonl")] == [0, 1, 2]
+
+        shared = base / "shared"
+        shared.mkdir()
+        shared.chmod(0o1777)
+        if os.geteuid() == 0:
+            foreign = base / "foreign"
+            foreign.mkdir(mode=0o700)
+            os.chown(foreign, 65534, 65534)
+        else:
+            foreign = Path("/usr")  # root's; a non-root daemon must not take it
+        uid = foreign.stat().st_uid
+        for where, why in (
+            (shared, "is writable by other users (mode 1777); ipc sockets need a private directory: "
+                     "name one of this daemon's own (it is created 0700)"),
+            (foreign, f"belongs to uid {uid}, not to this daemon's uid {os.geteuid()}; ipc sockets "
+                      "need a private directory of its own"),
+        ):
+            before = (stat.S_IMODE(where.stat().st_mode), sorted(os.listdir(where)))
+            config["runtime"]["dir"] = str(where)
+            r = _run(tmp_path, config)
+            assert r.returncode == 1
+            assert r.stderr.strip() == f"edgepipe: error: runtime.dir: runtime dir {str(where)!r} {why}"
+            assert (stat.S_IMODE(where.stat().st_mode), sorted(os.listdir(where))) == before
+    finally:
+        shutil.rmtree(base)
 
 
 def test_crash_loop_gives_up_with_the_reason(tmp_path):
