@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
+import pickletools
 import zipfile
 import zlib
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -121,6 +123,12 @@ _TORCH_DTYPES = {
 }
 # Refuse absurd sizes from a hostile stream before allocating (2**33 elements = 8 G fp8).
 _MAX_ELEMENTS = 2 ** 33
+# A few bytes of a hostile archive must not make us allocate gigabytes. torch.save stores records
+# uncompressed; a record may expand at most this much (a zip bomb expands a thousandfold).
+_MAX_EXPANSION = 10
+# A tensor with zero strides (an expanded view, e.g. a cached anchor grid) has more elements than
+# its storage; cloning it allocates them all, so such a tensor may have at most this many.
+_MAX_EXPANDED_ELEMENTS = 2 ** 24
 
 
 class _Frozen:
@@ -184,6 +192,11 @@ def _check_tensor_geometry(storage: torch.Tensor, offset: int, size: Any, stride
             and all(isinstance(v, int) and v >= 0 for v in (offset, *size, *stride))):
         raise PickleFormatError(f"bad tensor geometry: offset {offset!r}, size {size!r}, stride {stride!r}")
     size = tuple(size)
+    numel = math.prod(size)
+    if numel > max(storage.numel(), _MAX_EXPANDED_ELEMENTS):
+        raise PickleFormatError(
+            f"tensor of size {list(size)[:8]} ({numel} elements) expands a storage of {storage.numel()}"
+        )
     if all(s > 0 for s in size):
         last = offset + sum((s - 1) * st for s, st in zip(size, stride))
         if last >= storage.numel():
@@ -369,6 +382,19 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+def _check_memo(data: bytes) -> None:
+    """C pickle grows its memo table to twice the largest index a PUT names, so a ten-byte pickle
+    could claim gigabytes; torch.save numbers memo entries 0, 1, 2, ... in order."""
+    stored = 0
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            if not isinstance(arg, int) or arg > stored:
+                raise PickleFormatError(f"pickle memo index {arg!r} is out of sequence (next is {stored})")
+            stored += 1
+        elif op.name == "MEMOIZE":
+            stored += 1
+
+
 def _archive_prefix(names: Any) -> str:
     pkl = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pkl) != 1:
@@ -393,6 +419,12 @@ def load_torch_archive(path: str) -> Any:
         raise PickleFormatError(f"not a readable zip archive ({exc})") from None
     with zf:
         names = zf.namelist()
+        for info in zf.infolist():
+            if info.file_size > _MAX_EXPANSION * info.compress_size + 4096:
+                raise PickleFormatError(
+                    f"record {info.filename!r} would expand from {info.compress_size} to "
+                    f"{info.file_size} bytes (torch.save does not compress)"
+                )
         if is_torchscript(zf):
             raise PickleFormatError("a TorchScript archive (torch.jit.save), not a checkpoint")
         prefix = _archive_prefix(names)
@@ -414,6 +446,7 @@ def load_torch_archive(path: str) -> Any:
 
         try:
             data = zf.read(prefix + "data.pkl")
+            _check_memo(data)
             return RestrictedUnpickler(io.BytesIO(data), read_storage).load()  # type: ignore[arg-type]
         except (UnsafePickleError, PickleFormatError):
             raise

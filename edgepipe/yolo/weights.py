@@ -325,7 +325,8 @@ def build(weights: Weights, label: str = "weights") -> Model:
     """The model (CPU, fp32, eval) that ``weights`` describes, with its tensors loaded."""
     try:
         model = Model(weights.arch, ch=weights.ch, nc=weights.nc)
-    except (ConfigError, ValueError, TypeError, KeyError, IndexError) as exc:
+    # RuntimeError: the dry run of a damaged architecture (mismatched channels, unknown modes).
+    except (ConfigError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
         raise WeightsError(f"{label}: cannot build the architecture: {_first_line(exc)}") from None
     model.eval()
     if weights.fused:
