@@ -23,7 +23,8 @@ The main loop (one thread; signal handlers only set flags) then:
 - when every source is finite and has ended and everything drained: a one-line summary, exit 0;
 - keeps the per-stage metrics from the heartbeats (monotonic across restarts), samples each
   worker's RSS and CPU time from /proc, serves ``/metrics`` and ``/healthz``, pings the systemd
-  watchdog only while every stage progresses, and shows a live status (in place on a terminal,
+  watchdog only while no stage is stalled (see :meth:`Supervisor.health`: a stage with nothing
+  to do is idle, not stalled), and shows a live status (in place on a terminal,
   one log line every ``runtime.status_interval`` s otherwise).
 """
 
@@ -176,6 +177,7 @@ class Supervisor:
         self.totals: Dict[str, StageTotals] = {}
         self.ended: Set[str] = set()
         self.eos_from: Dict[str, Set[str]] = {}  # stage -> upstream stages whose end marker it got
+        self.activity: Dict[str, Tuple[float, bool]] = {}  # stage -> (work_since, blocked), see health()
         self.signals: List[int] = []
         self.sigints = 0
         self.stopping = False
@@ -183,6 +185,7 @@ class Supervisor:
         self.exit_code = EXIT_OK
         self.started = False  # every worker was READY once
         self.run_started = 0.0
+        self.run_started_wall = 0.0
         self.rundir: Optional[RuntimeDir] = None
         self.server: Optional[MetricsServer] = None
         self.ctx = zmq.Context()
@@ -240,25 +243,53 @@ class Supervisor:
         return (settings.worker if settings is not None else None) or stage
 
     def health(self) -> Tuple[bool, Dict[str, Any]]:
+        """``(healthy, body)`` for /healthz and the watchdog: healthy while no stage is stalled.
+
+        Each stage's state: ``ended``; ``down`` (its worker is not running and ready: stalled);
+        ``blocked`` (waiting for room on a downstream link: the stall, if any, is downstream);
+        ``idle`` (a processor or sink with no input waiting and no progress for
+        ``stall_timeout``: nothing to progress on, as behind a source outage); ``stalled`` when it has work and made no progress for ``stall_timeout``;
+        else ``ok``. A source always has work (it should produce); a processor or sink has work
+        while input waits for it, or when its worker has sent no heartbeat for a while (stuck in
+        a call, or frozen). Time counts from the stage's last progress, but never from before
+        its worker became ready, the pipeline started running, or its input started waiting:
+        a stage that became ready while a slow detector was still loading is not stalled."""
         now = time.time()
+        mono = time.monotonic()
+        silent_after = max(1.0, 3 * self.rt.heartbeat_interval)
         with self.lock:
             stages: Dict[str, Any] = {}
             stalled = []
             for name, t in self.totals.items():
                 w = self.workers.get(self.worker_of(name))
                 up = bool(w and w.ready and w.alive)
-                ended = name in self.ended
-                # A stage that just came up has made no progress yet: count from its start.
-                since = max(t.current().last_progress.value, w.ready_wall if w else 0.0)
-                age = now - since
+                since = max(t.current().last_progress.value, w.ready_wall if w else 0.0, self.run_started_wall)
+                work_since, blocked = self.activity.get(name, (0.0, False))
+                silent = w is not None and mono - w.last_heartbeat > silent_after
                 timeout = self.p.stages[name].stall_timeout
-                ok = ended or (up and age <= timeout)
-                if not ok:
+                if self.p.kind(name) == "source":
+                    waiting = now - since
+                elif silent or work_since:
+                    waiting = now - max(since, work_since)
+                else:
+                    waiting = None
+                if name in self.ended:
+                    state = "ended"
+                elif not up:
+                    state = "down"
+                elif blocked and not silent:
+                    state = "blocked"
+                elif waiting is None:
+                    state = "ok" if now - since <= timeout else "idle"
+                else:
+                    state = "stalled" if waiting > timeout else "ok"
+                if state in ("down", "stalled"):
                     stalled.append(name)
                 stages[name] = {
+                    "state": state,
                     "up": up,
-                    "ended": ended,
-                    "seconds_since_progress": round(age, 3),
+                    "ended": name in self.ended,
+                    "seconds_since_progress": round(now - since, 3),
                     "stall_timeout": timeout,
                 }
         if not self.started:
@@ -349,6 +380,7 @@ class Supervisor:
                     log.warning("Bad metrics snapshot from worker %r: %s", w.name, exc)
                     continue
                 self.eos_from[name] = set(st.get("eos_from") or [])
+                self.activity[name] = (float(st.get("work_since") or 0.0), bool(st.get("blocked")))
                 if st.get("ended") and name not in self.ended:
                     self.ended.add(name)
                     newly_ended.append(name)
@@ -375,6 +407,7 @@ class Supervisor:
     def on_exit(self, w: WorkerState, code: int) -> None:
         with self.lock:
             for name in w.stages:
+                self.activity.pop(name, None)
                 if name in self.totals:
                     self.totals[name].worker_exited()
             w.view.exited()
@@ -753,6 +786,7 @@ class Supervisor:
     def go(self) -> None:
         self.started = True
         self.run_started = time.monotonic()
+        self.run_started_wall = time.time()
         for w in self.workers.values():
             self.send(w, "RUN")
         where = f", metrics on http://{self.server.address}/metrics" if self.server else ""

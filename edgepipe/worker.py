@@ -11,7 +11,8 @@ reaches the whole process group still drains in order. Its life:
 2. Loop on one thread: serve control messages (RUN lets sources read, STOP drains, RECONFIGURE
    applies new settings), read sources, receive inputs per link policy, gather batches, call the
    stages, send what they return, and every ``heartbeat_interval`` send HEARTBEAT with each
-   stage's metrics snapshot, progress time and whether it has ended.
+   stage's metrics snapshot, progress time, whether it has ended, since when input has been
+   waiting for it and whether it waits for room downstream (for /healthz).
 3. A stage ends when it is a source that ran out (or was told to stop) or when every one of its
    upstream stages sent an end marker: it is flushed, forwards the end marker, and is done. When
    all its stages are done the worker calls ``stop()`` on each, sends FINISHED and exits 0.
@@ -30,7 +31,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import msgpack
 import zmq
@@ -81,6 +82,10 @@ class StageRunner:
         self.outputs: List[Output] = []
         self.pending: List[Frame] = []
         self.pending_since = 0.0
+        # For /healthz: since when (unix time) input has been waiting here (0: idle), and
+        # whether the stage is waiting for room on a downstream link (then it is not the stall).
+        self.work_since = 0.0
+        self.blocked = False
         self.done = False
         self.stop_requested = False
         self.last_error_log = 0.0
@@ -102,6 +107,7 @@ class StageRunner:
                     self.metrics.dropped.labels("skipped").inc(before - len(self.pending))
             if not self.pending:
                 self.pending_since = time.monotonic()
+                self.work_since = self.work_since or time.time()
             self.pending.append(f)
 
     def hint_ended(self, stages: List[str]) -> None:
@@ -168,6 +174,8 @@ class Worker:
                 "metrics": r.metrics.snapshot(),
                 "ended": r.done,
                 "eos_from": sorted(r.ended_upstream),
+                "work_since": r.work_since,
+                "blocked": r.blocked,
             }
         self.send("HEARTBEAT", {"stages": stages})
 
@@ -269,12 +277,26 @@ class Worker:
 
     # -- loop --------------------------------------------------------------------------------
 
+    def waiting_downstream(self, r: StageRunner) -> Callable[[], None]:
+        """The idle callback of a blocking send: serve the supervisor, and mark ``r`` as held up
+        by its consumer (backpressure is not a stall of this stage)."""
+
+        def idle() -> None:
+            r.blocked = True
+            self.service()
+
+        return idle
+
     def emit(self, r: StageRunner, frames: List[Frame]) -> None:
-        for f in frames:
-            parts = encode(f)
-            for out in r.outputs:
-                out.send_frame(parts, self.service, self.abort, r.metrics)
-            r.metrics.sent.inc()
+        idle = self.waiting_downstream(r)
+        try:
+            for f in frames:
+                parts = encode(f)
+                for out in r.outputs:
+                    out.send_frame(parts, idle, self.abort, r.metrics)
+                r.metrics.sent.inc()
+        finally:
+            r.blocked = False
 
     def finish(self, r: StageRunner) -> None:
         """End of stream for this stage: flush, forward the end marker, done."""
@@ -286,9 +308,11 @@ class Worker:
             raise
         except Exception as exc:
             self.count_error(r, "process", exc, 0)
+        idle = self.waiting_downstream(r)
         for out in r.outputs:
-            if not out.send_eos(r.name, self.service, self.abort):
+            if not out.send_eos(r.name, idle, self.abort):
                 log.warning("End marker of %r to %r not delivered", r.name, out.consumer)
+        r.blocked = False
         r.done = True
         r.metrics.last_progress.set(time.time())
         log.debug("Stage %r ended", r.name)
@@ -371,6 +395,8 @@ class Worker:
                 r.pending_since = time.monotonic()
             self.run_batch(r, batch)
             worked = True
+        if not r.pending:
+            r.work_since = 0.0
         if r.upstream_ended and not r.pending:
             self.finish(r)
             worked = True

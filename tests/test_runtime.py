@@ -396,17 +396,94 @@ def test_sigterm_to_the_group_drains_and_exits_0(live):
     assert not os.path.exists(os.path.join(live.rundir, "mid.in"))
 
 
+# -- health: counted from the start of the run, naming only the stage that holds things up ------
+
+
+@pytest.fixture(scope="module")
+def health(tmp_path_factory):
+    """src goes dark for 6 s before its frame 40 (src -> mid -> out); a second branch's source
+    takes 3 s to start (late -> lateout), so the other workers are ready 3 s before the pipeline
+    runs. stall_timeout 1.5 s everywhere; the supervisor talks to a notify socket with a 1 s
+    watchdog (a ping every 0.5 s while healthy)."""
+    from test_systemd import NotifySocket, Recorder
+
+    tmp = tmp_path_factory.mktemp("health")
+    quick = {"stall_timeout": 1.5}
+    config = {
+        "name": "health",
+        "stages": {
+            "src": dict(quick, type="counter", fps=20, outage_at=40, outage_s=6),
+            "mid": dict(quick, type="passthrough", inputs=["src"]),
+            "out": dict(quick, type="record", inputs=["mid"], path=str(tmp / "out.jsonl")),
+            "late": dict(quick, type="counter", fps=20, start_delay=3),
+            "lateout": dict(quick, type="record", inputs=["late"], path=str(tmp / "late.jsonl")),
+        },
+        "runtime": {"heartbeat_interval": 1.0},
+    }
+    server = NotifySocket(str(tmp / "notify"))
+    recorder = Recorder(server)
+    d = Daemon(config, tmp)
+    d.env["NOTIFY_SOCKET"] = str(tmp / "notify")
+    d.env["WATCHDOG_USEC"] = "1000000"
+    d.recorder = recorder
+    try:
+        with d:
+            d.wait_ready()
+            d.ready_at = time.monotonic()
+            yield d
+            assert d.stop() == 0
+    finally:
+        recorder.close()
+        server.close()
+
+
+def test_healthy_right_after_ready_although_most_workers_were_ready_long_before(health):
+    """Four workers were ready 3 s (twice their stall_timeout) before the slow one: /healthz says
+    200 from the first moment, and the first watchdog ping follows READY=1 at once."""
+    while time.monotonic() < health.ready_at + 1.0:
+        code, body = health.healthz()
+        assert code == 200, body
+    t_ready, _ = health.recorder.wait_for("READY", 0, 5, health.log)
+    t_ping, _ = health.recorder.wait_for("WATCHDOG", t_ready, 5, health.log)
+    assert t_ping - t_ready < 0.5
+
+
+def test_a_source_outage_names_the_source_alone(health):
+    """While src delivers nothing, /healthz names src alone (mid and out have nothing to do:
+    idle, not stalled; the other branch runs on) and the watchdog stays silent; both recover when
+    frames come back."""
+    health.wait_until(lambda: health.healthz()[0] == 503, timeout=15, message="the outage reported")
+    t0 = time.monotonic()
+    while time.monotonic() < t0 + 2.5:
+        code, body = health.healthz()
+        assert code == 503 and body["stalled"] == ["src"], body
+        states = {name: st["state"] for name, st in body["stages"].items()}
+        assert states == {"src": "stalled", "mid": "idle", "out": "idle", "late": "ok", "lateout": "ok"}, body
+        time.sleep(0.2)
+    assert health.recorder.between(t0 + 0.5, t0 + 2.5, "WATCHDOG") == []
+    health.wait_until(lambda: health.healthz()[0] == 200, timeout=15, message="healthy after the outage")
+    t1 = time.monotonic()
+    health.recorder.wait_for("WATCHDOG", t1, 5, health.log)
+    health.wait_until(
+        lambda: any(r["frame_id"] > 40 for r in read_jsonl(health.workdir / "out.jsonl")),
+        message="frames after the outage reach the sink",
+    )
+
+
 # -- stopping when a stage will not drain, forced stops, output formats -------------------------
 
 
 def _stuck_config(tmp_path: Path, name: str) -> dict:
-    # 'mid' stops responding at frame 5; hang_timeout is long so nobody restarts it.
+    # 'mid' stops responding at frame 5; hang_timeout is long so nobody restarts it. The source is
+    # finite, so its link blocks: it waits for 'mid' once the link is full.
+    quick = {"stall_timeout": 1.0}
     return {
         "name": name,
         "stages": {
-            "src": {"type": "counter", "fps": 50},
-            "mid": {"type": "passthrough", "inputs": ["src"], "hang_at": 5},
-            "out": {"type": "record", "inputs": ["mid"], "path": str(tmp_path / "o.jsonl")},
+            # Frames big enough that the socket buffers fill after a few.
+            "src": dict(quick, type="counter", fps=50, count=100000, width=320, height=240),
+            "mid": dict(quick, type="passthrough", inputs=["src"], hang_at=5),
+            "out": dict(quick, type="record", inputs=["mid"], path=str(tmp_path / "o.jsonl")),
         },
         "runtime": {"stop_timeout": 1.5, "hang_timeout": 300},
     }
@@ -415,7 +492,17 @@ def _stuck_config(tmp_path: Path, name: str) -> dict:
 def test_stop_timeout_kills_what_does_not_drain(tmp_path):
     with Daemon(_stuck_config(tmp_path, "stuck"), tmp_path) as d:
         d.wait_ready()
-        d.wait_until(lambda: d.healthz()[1]["stages"]["mid"]["seconds_since_progress"] > 0.5)
+        # Only the hung stage is stalled: the source behind it is held up by backpressure, and
+        # the sink after it has nothing to do.
+        code, body = d.wait_until(
+            lambda: (lambda h: h if h[0] == 503 and h[1]["stages"]["src"]["state"] == "blocked" else None)(
+                d.healthz()
+            ),
+            message="mid stalled, src held up by backpressure",
+        )
+        assert body["stalled"] == ["mid"], body
+        states = {name: st["state"] for name, st in body["stages"].items()}
+        assert states == {"src": "blocked", "mid": "stalled", "out": "idle"}, body
         t0 = time.monotonic()
         # Frames were lost in the killed workers: a failed stop, so systemd records it.
         assert d.stop() == 1

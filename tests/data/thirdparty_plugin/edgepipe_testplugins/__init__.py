@@ -28,6 +28,8 @@ class CounterConfig(StageConfig):
     start_delay: float = Field(0.0, ge=0, description="Seconds start() takes (a model warming up).")
     fail_start: bool = Field(False, description="start() raises StageError.")
     fail_check: bool = Field(False, description="check() raises StageError (pre-flight).")
+    outage_at: Optional[int] = Field(None, ge=0, description="Before this frame, deliver nothing for outage_s (a camera gone dark).")
+    outage_s: float = Field(0.0, ge=0, description="Seconds the outage lasts (read() returns None meanwhile).")
 
 
 class Counter(Source):
@@ -39,6 +41,7 @@ class Counter(Source):
         super().__init__(config, context)
         self.next_id = 0
         self.next_time = 0.0
+        self.outage_until: Optional[float] = None
 
     @property
     def live(self) -> bool:
@@ -62,6 +65,11 @@ class Counter(Source):
             raise EndOfStream()
         if c.fail_after is not None and self.next_id >= c.fail_after:  # type: ignore[attr-defined]
             raise StageError(f"counter {self.name!r}: device lost after {self.next_id} frames")
+        if self.next_id == c.outage_at and self.outage_until is None:  # type: ignore[attr-defined]
+            self.outage_until = time.monotonic() + c.outage_s  # type: ignore[attr-defined]
+        if self.outage_until is not None and time.monotonic() < self.outage_until:
+            time.sleep(0.1)
+            return None
         if c.fps > 0:  # type: ignore[attr-defined]
             wait = self.next_time - time.monotonic()
             if wait > 0.1:
