@@ -9,7 +9,8 @@ supervisor holds an exclusive lock (``flock``) on ``edgepipe.lock`` inside it fo
 a second daemon on the same directory is refused, and a directory whose lock nobody holds was
 left by a killed daemon, so its stale sockets (and, for the per-daemon directories, the directory
 itself) are removed. Two daemons side by side each get their own directory; only their TCP ports
-(metrics, publishers) must differ.
+(metrics, publishers) must differ. Besides the sockets, each source keeps its next frame id there
+(:class:`PositionFile`), so a restarted source continues its ids.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from __future__ import annotations
 import fcntl
 import glob
 import logging
+import mmap
 import os
 import shutil
 import stat
+import struct
 import tempfile
 from typing import IO, Iterable, Mapping, Optional
 
-__all__ = ["MAX_IPC_PATH", "RuntimeDir", "RuntimeDirError", "open_runtime_dir"]
+__all__ = ["MAX_IPC_PATH", "PositionFile", "RuntimeDir", "RuntimeDirError", "open_runtime_dir", "read_position"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,8 @@ MAX_IPC_PATH = 107
 LOCK_NAME = "edgepipe.lock"
 CONTROL_NAME = "control"
 INPUT_SUFFIX = ".in"
+POSITION_SUFFIX = ".next"
+_POSITION = struct.Struct("<Q")
 
 
 class RuntimeDirError(Exception):
@@ -53,6 +58,10 @@ class RuntimeDir:
     def input_endpoint(self, stage: str) -> str:
         """Where the consumer ``stage`` binds its input PULL socket (between processes)."""
         return "ipc://" + os.path.join(self.path, stage + INPUT_SUFFIX)
+
+    def position_path(self, source: str) -> str:
+        """The :class:`PositionFile` of the source stage ``source``."""
+        return os.path.join(self.path, source + POSITION_SUFFIX)
 
     def check_lengths(self, stages: Iterable[str]) -> None:
         """RuntimeDirError when a socket path would not fit in sun_path."""
@@ -84,8 +93,51 @@ def _unlink(path: str) -> None:
 
 
 def _remove_sockets(path: str) -> None:
-    for p in glob.glob(os.path.join(path, "*" + INPUT_SUFFIX)) + [os.path.join(path, CONTROL_NAME)]:
+    """Remove the sockets and source positions a daemon leaves in its runtime dir."""
+    for p in (
+        glob.glob(os.path.join(path, "*" + INPUT_SUFFIX))
+        + glob.glob(os.path.join(path, "*" + POSITION_SUFFIX))
+        + [os.path.join(path, CONTROL_NAME)]
+    ):
         _unlink(p)
+
+
+class PositionFile:
+    """The next frame id of one source, in a small file of the runtime dir shared with the
+    supervisor (``<stage>.next``, 8 bytes, little-endian).
+
+    The worker writes it through a memory map before each frame leaves the source, so it is
+    current even when the worker is killed the next instant (the page belongs to the file, not
+    to the process); the supervisor reads it with :func:`read_position` to give a restarted
+    source its ``resume`` id. Writing before sending means a kill between the two loses that
+    frame rather than repeating it."""
+
+    def __init__(self, path: str, value: int) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, _POSITION.pack(value))
+            self._map: Optional[mmap.mmap] = mmap.mmap(fd, _POSITION.size)
+        finally:
+            os.close(fd)
+
+    def set(self, value: int) -> None:
+        if self._map is not None:
+            _POSITION.pack_into(self._map, 0, value)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def read_position(path: str) -> int:
+    """What a :class:`PositionFile` holds; 0 when there is none (the source never ran)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(_POSITION.size)
+    except OSError:
+        return 0
+    return _POSITION.unpack(data)[0] if len(data) == _POSITION.size else 0
 
 
 def _try_lock(path: str) -> Optional[IO[str]]:

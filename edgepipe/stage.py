@@ -117,23 +117,30 @@ class StageConfig(BaseModel):
 
 
 class StageContext:
-    """What the runtime hands to a stage: its name, a logger, and its metrics.
+    """What the runtime hands to a stage: its name, a logger, its metrics, and where a source
+    resumes.
 
     ``metrics`` is the stage's :class:`edgepipe.metrics.StageMetrics`; the worker already counts
     frames in/out, drops, errors and processing time around every call, so a stage only records
     what is specific to it (reconnects, batch sizes, inference time...). Left None (a unit test
     constructing a stage), :class:`Stage` creates a fresh ``StageMetrics(name, kind)``.
     ``runtime_dir`` is the daemon's private directory (ipc sockets live there), None outside a
-    daemon.
+    daemon. ``resume`` is the frame id a source's first frame must carry (see :class:`Source`):
+    0 when the daemon starts, one past the last id it emitted when its worker was restarted.
     """
 
     def __init__(
-        self, name: str, metrics: Optional[StageMetrics] = None, runtime_dir: Optional[str] = None
+        self,
+        name: str,
+        metrics: Optional[StageMetrics] = None,
+        runtime_dir: Optional[str] = None,
+        resume: int = 0,
     ):
         self.name = name
         self.log = logging.getLogger(f"edgepipe.stage.{name}")
         self.metrics = metrics
         self.runtime_dir = runtime_dir
+        self.resume = resume
 
 
 class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
@@ -239,8 +246,9 @@ class Source(Stage):
     """A stage that produces frames (camera, RTSP, file, images, ...).
 
     ``read()`` is called in a loop by the worker. It returns one new :class:`Frame` (with
-    ``source`` set to the stage name, ``frame_id`` increasing by one per frame from 0, and
-    ``timestamp`` the capture time in unix seconds), or ``None`` when no frame is ready yet (it
+    ``source`` set to the stage name, ``frame_id`` increasing from :attr:`resume`, by one per
+    frame, and ``timestamp`` the capture time in unix seconds), or ``None`` when no frame is ready
+    yet (it
     should then have waited up to about 0.1 s, so the worker can serve control messages), or
     raises :class:`EndOfStream` when a finite source is exhausted. Transient failures (a camera
     that disconnects) are handled inside: reconnect with backoff, count it in
@@ -248,6 +256,15 @@ class Source(Stage):
 
     ``live`` tells the runtime the default link policy downstream: live sources (cameras, RTSP,
     real-time synthetic) default to 'latest', finite ones (file, images) to 'block'.
+
+    Restarts: frame ids are per source and only increase, also across a restart of the source's
+    worker (a crash, a hang, a reload that replaced the worker). :attr:`resume` is the id the
+    first frame must carry: 0 at the daemon's start, after a restart one past the last id the
+    previous incarnation emitted (the runtime records each id before the frame leaves). A source
+    that can seek also continues at that position (the ``file`` source skips that many frames,
+    ``images`` that many files), so a restarted finite source neither repeats nor skips frames
+    and 'block' pipelines deliver no duplicates. A reload that changes the source's own settings
+    starts it afresh (``resume`` 0). A source ignoring ``resume`` gets one warning line.
     """
 
     kind: ClassVar[str] = "source"
@@ -256,6 +273,11 @@ class Source(Stage):
     @property
     def live(self) -> bool:
         return True
+
+    @property
+    def resume(self) -> int:
+        """The frame id this incarnation's first frame carries (see the class docstring)."""
+        return self.context.resume
 
     @abc.abstractmethod
     def read(self) -> Optional[Frame]:

@@ -46,7 +46,13 @@ import zmq
 import edgepipe
 from edgepipe.config import ConfigError, Pipeline, load_config
 from edgepipe.metrics import MetricsServer, PipelineView, StageTotals, WorkerView
-from edgepipe.runtime import RuntimeDir, RuntimeDirError, configure_logging, open_runtime_dir
+from edgepipe.runtime import (
+    RuntimeDir,
+    RuntimeDirError,
+    configure_logging,
+    open_runtime_dir,
+    read_position,
+)
 from edgepipe.stage import Processor, StageError
 from edgepipe.systemd import Notifier
 from edgepipe.transport import inproc_endpoint
@@ -67,11 +73,17 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def plan_worker(
-    p: Pipeline, rundir: RuntimeDir, worker: str, incarnation: int, ended: Set[str]
+    p: Pipeline,
+    rundir: RuntimeDir,
+    worker: str,
+    incarnation: int,
+    ended: Set[str],
+    resume: Optional[Dict[str, int]] = None,
 ) -> Dict[str, Any]:
     """What a worker runs, as JSON-able data (sent on its stdin): its stages in data-flow order
     with their settings, input endpoints and policy, outputs (one per consumer), upstream stages
-    (those already ended listed apart), and batching."""
+    (those already ended listed apart), batching, and for sources the position file and the frame
+    id to resume at (``resume``: source -> id, default 0)."""
     groups = p.workers()
     mine = groups[worker]
     where = {s: w for w, ss in groups.items() for s in ss}
@@ -92,6 +104,9 @@ def plan_worker(
             "outputs": [],
             "batch": None,
         }
+        if p.kind(name) == "source":
+            spec["position"] = rundir.position_path(name)
+            spec["resume"] = (resume or {}).get(name, 0)
         if cfg.inputs:
             endpoints = []
             if len(local) < len(cfg.inputs):
@@ -131,7 +146,7 @@ def plan_worker(
 
 def _structure(plan: Dict[str, Any]) -> str:
     """A plan without stage settings: equal structures can be reconfigured in place."""
-    stages = [dict(s, settings=None, ended_upstream=None) for s in plan["stages"]]
+    stages = [dict(s, settings=None, ended_upstream=None, resume=None) for s in plan["stages"]]
     bare = dict(plan, incarnation=0, stages=stages)
     return json.dumps(bare, sort_keys=True)
 
@@ -178,6 +193,7 @@ class Supervisor:
         self.ended: Set[str] = set()
         self.eos_from: Dict[str, Set[str]] = {}  # stage -> upstream stages whose end marker it got
         self.activity: Dict[str, Tuple[float, bool]] = {}  # stage -> (work_since, blocked), see health()
+        self.fresh: Set[str] = set()  # sources whose settings a reload changed: resume at 0
         self.signals: List[int] = []
         self.sigints = 0
         self.stopping = False
@@ -302,7 +318,15 @@ class Supervisor:
     def spawn(self, w: WorkerState) -> None:
         assert self.rundir is not None
         w.incarnation += 1
-        w.plan = plan_worker(self.p, self.rundir, w.name, w.incarnation, self.ended)
+        # A restarted source continues its frame ids (and a finite one its position) where the
+        # previous incarnation left them; a source whose settings changed starts afresh.
+        resume = {
+            s: 0 if s in self.fresh else read_position(self.rundir.position_path(s))
+            for s in w.stages
+            if self.p.kind(s) == "source"
+        }
+        self.fresh -= set(w.stages)
+        w.plan = plan_worker(self.p, self.rundir, w.name, w.incarnation, self.ended, resume)
         # Workers inherit a blocked SIGINT/SIGTERM/SIGHUP and ignore them before unblocking, so
         # a group-wide signal cannot kill one while it starts; ours arrive once unblocked here.
         old = signal.pthread_sigmask(signal.SIG_BLOCK, set(_SIGNALS))
@@ -447,6 +471,7 @@ class Supervisor:
 
     def on_reconfigured(self, w: WorkerState, applied: Dict[str, bool]) -> None:
         w.reconfigure_deadline = None
+        self.fresh -= {n for n, ok in applied.items() if ok}  # changed in place: keeps its position
         refused = [n for n, ok in applied.items() if not ok]
         if refused:
             log.info("Restarting worker %r: %s cannot change in place", w.name, ", ".join(refused))
@@ -580,6 +605,13 @@ class Supervisor:
             self.p = new
             self._reset_stages()
             self.ended &= set(new.stages)
+        self.fresh |= {n for n in changed if new.kind(n) == "source"}
+        for name in set(old_p.stages) - set(new.stages):
+            if old_p.kind(name) == "source":
+                try:
+                    os.unlink(self.rundir.position_path(name))  # a later stage of that name starts at 0
+                except OSError:
+                    pass
         groups = new.workers()
         kept = reconfigured = restarted = 0
         for name in list(self.workers):

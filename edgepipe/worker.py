@@ -39,7 +39,7 @@ import zmq
 from edgepipe.messages import EndMarker, Frame, encode
 from edgepipe.metrics import StageMetrics
 from edgepipe.registry import Registry
-from edgepipe.runtime import configure_logging
+from edgepipe.runtime import PositionFile, configure_logging
 from edgepipe.stage import EndOfStream, Processor, Source, Stage, StageContext, StageError
 from edgepipe.transport import Input, Output
 
@@ -91,6 +91,9 @@ class StageRunner:
         self.last_error_log = 0.0
         self.fps_window: List[Tuple[float, float]] = []
         self.spinning = False  # a source whose read() returned None without waiting
+        self.resume: int = int(spec.get("resume") or 0)
+        self.position: Optional[PositionFile] = None  # sources: the next frame id, for restarts
+        self.checked_resume = self.resume == 0
 
     @property
     def policy(self) -> str:
@@ -254,7 +257,9 @@ class Worker:
                 spec["settings"]
             )
             metrics = StageMetrics(spec["name"], cls.kind, bool(spec.get("detector")))
-            context = StageContext(spec["name"], metrics, self.plan.get("runtime_dir"))
+            context = StageContext(
+                spec["name"], metrics, self.plan.get("runtime_dir"), int(spec.get("resume") or 0)
+            )
             self.runners.append(StageRunner(spec, cls(settings, context)))
 
     def start(self) -> None:
@@ -262,6 +267,8 @@ class Worker:
             log.debug("Starting stage %r", r.name)
             r.stage.start()
             r.metrics.last_progress.set(time.time())
+            if r.is_source and r.spec.get("position"):
+                r.position = PositionFile(r.spec["position"], r.resume)
         for r in self.runners:
             if r.spec.get("input"):
                 inp = r.spec["input"]
@@ -358,6 +365,16 @@ class Worker:
         m.frames_read.inc()
         m.last_frame_timestamp.set(frame.timestamp)
         m.last_progress.set(time.time())
+        if frame.source == r.name:
+            if not r.checked_resume:
+                r.checked_resume = True
+                if frame.frame_id < r.resume:
+                    log.warning(
+                        "Source %r ignores its resume id: restarted at frame id %d instead of %d, "
+                        "so ids repeat downstream", r.name, frame.frame_id, r.resume,
+                    )
+            if r.position is not None:
+                r.position.set(frame.frame_id + 1)  # before it leaves: a kill now loses, never repeats
         self.emit(r, [frame])
 
     def step_processor(self, r: StageRunner) -> bool:
@@ -476,6 +493,8 @@ class Worker:
                 log.warning("Stage %r failed to stop cleanly: %s", r.name, _one_line(exc))
         linger = 0 if self.killed else None
         for r in self.runners:
+            if r.position is not None:
+                r.position.close()
             for out in r.outputs:
                 out.close(linger)
             if r.input is not None:

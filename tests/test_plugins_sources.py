@@ -165,7 +165,7 @@ def test_images_source_sorted_with_file_names(tmp_path: Path):
     frames = read_all(src)
     expected = ["a.png", "a10.png", "b.png", "c.jpg"]  # sorted; broken.png skipped, txt ignored
     assert [Path(f.meta["file"]).name for f in frames] == expected
-    assert [f.frame_id for f in frames] == [0, 1, 2, 3]
+    assert [f.frame_id for f in frames] == [0, 1, 2, 4]  # an id is the file's place: broken.png's is a gap
     by_name = {Path(f.meta["file"]).name: f for f in frames}
     assert by_name["a.png"].image.shape == (20, 30)  # gray stays 1-channel
     assert by_name["c.jpg"].image.shape == (20, 30, 3)  # colour comes as BGR
@@ -189,6 +189,41 @@ def test_images_source_loops(tmp_path: Path):
     frames = read_all(src, limit=5)
     assert [f.frame_id for f in frames] == [0, 1, 2, 3, 4]
     assert [Path(f.meta["file"]).name for f in frames] == ["0.png", "1.png", "0.png", "1.png", "0.png"]
+
+
+def test_restarted_finite_sources_continue_at_their_resume_id(tmp_path: Path):
+    """A source restarted with resume=k (its worker died after sending frame k-1) carries on
+    with frame k: the same id and the same picture as an uninterrupted run, no repeats."""
+    levels = [20 + 25 * k for k in range(8)]
+    video = tmp_path / "clip.avi"
+    write_video(video, levels)
+    src = FileSource(FileConfig(path=str(video)), StageContext("clip", resume=5))
+    src.start()
+    frames = read_all(src)
+    src.stop()
+    assert [f.frame_id for f in frames] == [5, 6, 7]
+    assert np.allclose([f.image.mean() for f in frames], levels[5:], atol=3)
+
+    looping = FileSource(FileConfig(path=str(video), loop=True), StageContext("clip", resume=8 * 1000 + 6))
+    looping.start()
+    frames = read_all(looping, limit=4)
+    looping.stop()
+    assert [f.frame_id for f in frames] == [8006, 8007, 8008, 8009]
+    assert np.allclose([f.image.mean() for f in frames], [levels[6], levels[7], levels[0], levels[1]], atol=3)
+
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8), i * 100, np.uint8))
+    shots = ImagesSource(ImagesConfig(path=str(tmp_path / "*.png")), StageContext("s", resume=1))
+    shots.start()
+    assert [(f.frame_id, Path(f.meta["file"]).name) for f in read_all(shots)] == [(1, "1.png"), (2, "2.png")]
+    loop = ImagesSource(ImagesConfig(path=str(tmp_path / "*.png"), loop=True), StageContext("s", resume=7))
+    loop.start()
+    assert [(f.frame_id, Path(f.meta["file"]).name) for f in read_all(loop, limit=3)] == [
+        (7, "1.png"), (8, "2.png"), (9, "0.png")
+    ]
+    synthetic = SyntheticSource(SyntheticConfig(width=32, height=32, count=5), StageContext("syn", resume=3))
+    synthetic.start()
+    assert [f.frame_id for f in read_all(synthetic)] == [3, 4]
 
 
 # ------------------------------------------------------------------------------------ camera

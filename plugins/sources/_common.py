@@ -1,7 +1,7 @@
 """Pieces the first-party sources share: frame numbering, pacing, and a capture thread.
 
-Every source numbers its frames 0, 1, 2, ... per source and stamps them with the capture time;
-:class:`NumberedSource` does that in one place. :class:`Pacer` spaces frames at a fixed rate
+Every source numbers its frames 0, 1, 2, ... per source (from its ``resume`` id after a restart)
+and stamps them with the capture time; :class:`NumberedSource` does that in one place. :class:`Pacer` spaces frames at a fixed rate
 without drift (real-time files, synthetic scenes, image folders). :class:`CaptureThread` runs an
 OpenCV capture (V4L2 camera, RTSP stream) in a background thread that keeps only the newest frame,
 so a slow pipeline never reads stale frames out of the driver's buffer, and reopens the capture
@@ -17,16 +17,19 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 
 from edgepipe.messages import Frame
-from edgepipe.stage import Source, StageError
+from edgepipe.stage import Source, StageConfig, StageContext, StageError
 
 # How long read() may block waiting for a frame, so the worker can serve control messages.
 READ_WAIT_S = 0.1
 
 
 class NumberedSource(Source):
-    """A source that hands out frame ids 0, 1, 2, ... in the order read() returns frames."""
+    """A source that hands out frame ids in the order read() returns frames: 0, 1, 2, ..., or
+    after a restart :attr:`resume`, resume + 1, ..."""
 
-    _next_id = 0
+    def __init__(self, config: StageConfig, context: StageContext):
+        super().__init__(config, context)
+        self._next_id = self.resume
 
     def _emit(self, image: np.ndarray, timestamp: float, **meta: Any) -> Frame:
         frame = Frame(
@@ -93,7 +96,10 @@ class CaptureThread:
     After a failed open or read the thread waits ``backoff`` seconds (1 s, doubling up to
     ``max_backoff``) before it tries again, counts every attempt in ``on_reconnect`` and logs one
     line per attempt; after ``max_reconnects`` consecutive failed attempts it gives up and
-    :meth:`latest` raises the reason. A successful read resets the backoff.
+    :meth:`latest` raises the reason. A successful read resets the backoff. A read that took
+    ``read_timeout`` seconds or more counts as failed even when it returned a frame: FFmpeg hands
+    back an old picture when its timeout interrupts a stalled stream, which must not pass for a
+    new capture.
     """
 
     def __init__(
@@ -105,6 +111,7 @@ class CaptureThread:
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         max_reconnects: Optional[int] = None,
+        read_timeout: Optional[float] = None,
     ):
         self.what = what
         self._open = open_capture
@@ -113,6 +120,7 @@ class CaptureThread:
         self._backoff0 = backoff
         self._max_backoff = max_backoff
         self._max_reconnects = max_reconnects
+        self._read_timeout = read_timeout
         self._cond = threading.Condition()
         self._frame: Optional[Tuple[np.ndarray, float]] = None
         self._seq = 0  # bumped per captured frame; latest() returns each frame once
@@ -158,9 +166,13 @@ class CaptureThread:
                 if attempts:
                     self._log.info("Reconnected to %r after %d attempt(s)", self.what, attempts)
                 while not self._stopping.is_set():
+                    started = time.monotonic()
                     ok, image = self._cap.read()
                     if not ok or image is None:
                         reason = "the stream returned no frame (ended or timed out)"
+                        break
+                    if self._read_timeout is not None and time.monotonic() - started >= self._read_timeout:
+                        reason = f"no new frame within read_timeout={self._read_timeout:g} s (stalled)"
                         break
                     with self._cond:
                         self._frame = (image, time.time())

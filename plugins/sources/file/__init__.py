@@ -3,7 +3,9 @@
 By default it reads as fast as the pipeline takes frames and its links block, so every frame of
 the file is processed exactly once, and it ends with :class:`EndOfStream`. ``realtime: true``
 paces frames at the file's frame rate, so the file stands in for a live camera (and its links
-then default to 'latest'); ``loop: true`` starts over at the end instead of ending.
+then default to 'latest'); ``loop: true`` starts over at the end instead of ending. A restarted
+file source (its worker crashed or was replaced) continues at the frame where it stopped, with
+the same frame ids, instead of reading the file from the start again.
 """
 
 from __future__ import annotations
@@ -63,6 +65,26 @@ class FileSource(NumberedSource):
                     f"video file {self.config.path!r} states no frame rate; set 'fps' for realtime pacing"
                 )
         self._pacer = Pacer(fps if self.config.realtime else None)
+        if self.resume:
+            self._skip(self.resume)
+            self.log.info("Resuming %r at frame %d after a restart", self.config.path, self.resume)
+
+    def _skip(self, frames: int) -> None:
+        """Continue where a previous incarnation stopped: pass over ``frames`` frames (grabbed,
+        not converted). A looping file is counted on its first pass, so the rest of the skip
+        takes less than one more pass however long the daemon ran."""
+        done = passed = 0  # frames skipped in all, and in the current pass
+        while done < frames:
+            if self._cap.grab():
+                done += 1
+                passed += 1
+                continue
+            if not self.config.loop or passed == 0:
+                return  # past the end: read() ends the stream
+            frames = done + (frames - done) % passed
+            passed = 0
+            self._cap.release()
+            self._cap = self._open()
 
     def _open(self) -> Any:
         import cv2

@@ -1,9 +1,12 @@
 """The ``images`` source: still images from a folder or a glob pattern, in sorted order.
 
-Frame ids follow the sorted file names, and each frame's ``meta["file"]`` names its file (the
-detection message carries it as ``file``), so results can be matched back to images. Gray
+Frame ids follow the sorted file names: a frame's id is its file's place in the sorted list (plus
+the list's length for each pass already made when looping), and ``meta["file"]`` names the file
+(the detection message carries it as ``file``), so results can be matched back to images. Gray
 images stay 1-channel; colour images come as BGR. An unreadable file is skipped with one log
-line. The source is finite: it ends with :class:`EndOfStream` unless ``loop`` is set.
+line, leaving a gap in the ids. A restarted images source (its worker crashed or was replaced)
+continues with the file after the last one it sent. The source is finite: it ends with
+:class:`EndOfStream` unless ``loop`` is set.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class ImagesSource(NumberedSource):
         self._files = list_images(self.config.path)
         if not self._files:
             raise StageError(f"no image files found at {self.config.path!r}")
-        self._index = 0
+        self._position = self.resume  # the next file, counted across passes (= its frame id)
+        if self.resume:
+            self.log.info("Resuming %r at image %d after a restart", self.config.path, self.resume)
         self._pacer = Pacer(self.config.fps)
 
     def read(self) -> Optional[Frame]:
@@ -74,12 +79,11 @@ class ImagesSource(NumberedSource):
         if not self._pacer.ready():
             return None
         while True:
-            if self._index >= len(self._files):
-                if not self.config.loop:
-                    raise EndOfStream(self.config.path)
-                self._index = 0
-            name = self._files[self._index]
-            self._index += 1
+            if self._position >= len(self._files) and not self.config.loop:
+                raise EndOfStream(self.config.path)
+            name = self._files[self._position % len(self._files)]
+            self._next_id = self._position
+            self._position += 1
             timestamp = time.time()
             image = cv2.imread(name, cv2.IMREAD_ANYCOLOR)
             if image is not None:

@@ -39,7 +39,7 @@ class Counter(Source):
 
     def __init__(self, config: CounterConfig, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(config, context)
-        self.next_id = 0
+        self.next_id = self.resume  # after a restart, go on from the last id sent
         self.next_time = 0.0
         self.outage_until: Optional[float] = None
 
