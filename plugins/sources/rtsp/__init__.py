@@ -75,6 +75,7 @@ class RtspSource(CaptureSource):
             backoff=self.config.backoff,
             max_backoff=self.config.max_backoff,
             max_reconnects=self.config.max_reconnects,
+            read_timeout=self.config.read_timeout,
         )
         self._capture.start()
 

@@ -1,0 +1,201 @@
+"""An RTSP camera that dies and one that freezes, under a running daemon (a real gst-rtsp-server
+process, the real ``rtsp`` source, frames forwarded by ``zmq_push`` to a PULL socket here).
+
+Killed and restarted: the source reconnects with doubling backoff, each attempt counted in
+edgepipe_source_reconnects_total and logged on one line; meanwhile /healthz names the stalled
+source and the systemd watchdog goes quiet; frames resume with increasing ids once the server is
+back, and the watchdog pings again. Frozen (SIGSTOP): reads time out instead of hanging, the
+worker keeps answering the supervisor (no hang kill), /healthz answers at once and names the
+source; the stream comes back after SIGCONT; and a SIGTERM while the server is frozen still stops
+the daemon cleanly within 10 s.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+import pytest
+import zmq
+from helpers.daemon import Daemon
+from helpers.rtsp_server import RtspServer
+from test_systemd import NotifySocket, Recorder
+
+from edgepipe.messages import Frame, decode
+
+
+class FrameSink:
+    """The PULL end the daemon's zmq_push sink connects to: (arrival time, frame id, capture time)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.frames: List[Tuple[float, int, float]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            if self.sock.poll(100):
+                item = decode(self.sock.recv_multipart())
+                if isinstance(item, Frame):
+                    with self._lock:
+                        self.frames.append((time.time(), item.frame_id, item.timestamp))
+
+    def since(self, t: float) -> List[Tuple[float, int, float]]:
+        with self._lock:
+            return [f for f in self.frames if f[2] > t]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rtsp")
+    short = tempfile.mkdtemp(prefix="ep-", dir="/tmp")
+    server = RtspServer(fps=15).start()
+    sink = FrameSink(f"ipc://{short}/frames")
+    notify = NotifySocket(str(tmp / "notify"))
+    recorder = Recorder(notify)
+    config = {
+        "name": "rtsp",
+        "stages": {
+            "cam": {"type": "rtsp", "url": server.url, "open_timeout": 3, "read_timeout": 2,
+                    "backoff": 0.5, "max_backoff": 2, "stall_timeout": 3},
+            "fwd": {"type": "zmq_push", "inputs": ["cam"], "connect": f"ipc://{short}/frames",
+                    "send_timeout": 1, "stall_timeout": 3},
+        },
+        "runtime": {"dir": os.path.join(short, "run")},
+    }
+    d = Daemon(config, tmp)
+    d.env["NOTIFY_SOCKET"] = str(tmp / "notify")
+    d.env["WATCHDOG_USEC"] = "1000000"  # a ping every 0.5 s while healthy
+    try:
+        with d:
+            d.wait_ready(120)
+            d.wait_until(lambda: len(sink.since(0)) >= 10, 60, "first frames from the camera")
+            yield d, server, sink, recorder
+    finally:
+        if server.proc is not None:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+        sink.close()
+        recorder.close()
+        notify.close()
+        for leftover in ("frames", "run"):
+            path = os.path.join(short, leftover)
+            if os.path.isdir(path):
+                os.rmdir(path)
+            elif os.path.exists(path):
+                os.unlink(path)
+        os.rmdir(short)
+
+
+def stalled(d: Daemon) -> List[str]:
+    code, body = d.healthz()
+    return body["stalled"] if code == 503 else []
+
+
+def pings(recorder: Recorder, start: float, end: float) -> int:
+    return len(recorder.between(start, end, "WATCHDOG"))
+
+
+def test_healthy_stream_flows_and_the_watchdog_pings(setup):
+    d, _, sink, recorder = setup
+    assert d.healthz()[0] == 200
+    assert d.sample("edgepipe_source_reconnects_total", stage="cam") == 0
+    t = time.monotonic()
+    time.sleep(2.0)
+    assert pings(recorder, t, t + 2.0) >= 3
+
+
+def test_killed_server_reconnect_with_backoff_and_frames_resume(setup):
+    d, server, sink, recorder = setup
+    start = len(d.lines)
+    pid = d.worker_pids()["cam"]
+    last_id = sink.since(0)[-1][1]
+    assert server.proc is not None
+    server.proc.kill()  # SIGKILL: the camera is gone without a goodbye
+    server.proc.wait()
+    gone = time.time()
+
+    # Reads fail, reconnects are attempted and counted, with doubling backoff up to max_backoff.
+    d.wait_for_line(r"Lost 'rtsp://127\.0\.0\.1:\d+/test' \(.*\); reconnecting in 0\.5 s \(attempt 1\)", 30, start)
+    d.wait_until(lambda: d.sample("edgepipe_source_reconnects_total", stage="cam") >= 3, 30, "reconnects counted")
+    waits = [float(m.group(1)) for m in (re.search(r"reconnecting in ([0-9.]+) s", line) for line in d.lines[start:]) if m]
+    assert waits[:3] == [0.5, 1.0, 2.0] and set(waits[3:]) <= {2.0}, waits
+
+    # The stall is visible: /healthz names the source; the watchdog goes quiet; nothing hangs.
+    d.wait_until(lambda: "cam" in stalled(d), 30, "/healthz names the stalled camera")
+    quiet = time.monotonic() + 1.0  # a ping already on its way may still arrive
+    time.sleep(2.5)
+    assert pings(recorder, quiet, quiet + 1.5) == 0, "watchdog pinged while the source was stalled"
+    assert d.worker_pids()["cam"] == pid and d.sample("edgepipe_worker_up", worker="cam") == 1.0
+
+    server.start()  # same port
+    back = time.time()
+    d.wait_for_line(r"Reconnected to 'rtsp://127\.0\.0\.1:\d+/test' after \d+ attempt\(s\)", 60, start)
+    fresh = d.wait_until(lambda: len(sink.since(back)) >= 10 and sink.since(back), 60, "frames after the restart")
+    ids = [f[1] for f in fresh]
+    assert ids == sorted(ids) and ids[0] > last_id, "frame ids carry on across the reconnect"
+    assert not [f for f in sink.since(gone + 1.0) if f[2] < back], "frames captured while the camera was gone"
+    d.wait_until(lambda: d.healthz()[0] == 200, 30, "healthy again")
+    t = time.monotonic()
+    recorder.wait_for("WATCHDOG", t, 5, d.log)
+    assert d.worker_pids()["cam"] == pid  # reconnected inside the worker: no restart
+    assert d.sample("edgepipe_worker_restarts_total", worker="cam") == 0
+
+
+def test_frozen_server_times_out_without_hanging(setup):
+    d, server, sink, recorder = setup
+    start = len(d.lines)
+    pid = d.worker_pids()["cam"]
+    before = d.sample("edgepipe_source_reconnects_total", stage="cam")
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        frozen = time.time()
+        # read_timeout is 2 s: the read gives up and a reconnect starts, counted.
+        d.wait_for_line(r"Lost 'rtsp://.*' \(no new frame within read_timeout=2 s \(stalled\)\); reconnecting", 20, start)
+        d.wait_until(lambda: d.sample("edgepipe_source_reconnects_total", stage="cam") > before, 20, "reconnect counted")
+        d.wait_until(lambda: "cam" in stalled(d), 30, "/healthz names the frozen camera")
+        t0 = time.monotonic()
+        code, body = d.healthz()
+        assert time.monotonic() - t0 < 1.0 and code == 503 and "cam" in body["stalled"], body
+        # The worker keeps sending heartbeats: it is not killed as hung, and it reads nothing.
+        assert d.worker_pids()["cam"] == pid
+        assert not any("sent no heartbeat" in line for line in d.lines[start:])
+        # FFmpeg hands back an old picture when its timeout fires; it must not pass for a capture.
+        assert not sink.since(frozen + 1.0), "frames while the server was frozen"
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    thawed = time.time()
+    d.wait_until(lambda: len(sink.since(thawed)) >= 5, 60, "frames after SIGCONT")
+    d.wait_until(lambda: d.healthz()[0] == 200, 30, "healthy again")
+
+
+def test_sigterm_while_the_server_is_frozen_stops_cleanly_within_10_s(setup):
+    d, server, _, _ = setup
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.0)  # the capture thread is now blocked in a read of the frozen stream
+        t0 = time.monotonic()
+        assert d.stop(timeout=15) == 0, d.log
+        assert time.monotonic() - t0 < 10.0
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
