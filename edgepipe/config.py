@@ -339,7 +339,33 @@ def parse_config(
     errors += check_graph(pipeline)
     if errors:
         raise ConfigError(errors)
+    carry_originals(pipeline)
     return pipeline
+
+
+def carry_originals(p: Pipeline) -> None:
+    """Turn on ``keep_original_option`` (the letterbox stage's ``keep_original``) in the stages
+    upstream of every sink that ``needs_original``, where the config does not set it either way
+    (see :class:`edgepipe.stage.Sink`). The walk up a path stops at the first such stage."""
+    for name, stage in list(p.instances.items()):
+        if not getattr(stage, "needs_original", False):
+            continue
+        seen: Set[str] = set()
+        todo = list(p.stages[name].inputs)
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            option = p.classes[n].keep_original_option
+            if option is None:
+                todo.extend(p.stages[n].inputs)
+                continue
+            cfg = p.stages[n]
+            if option not in cfg.model_fields_set and not getattr(cfg, option):
+                cfg = cfg.model_copy(update={option: True})
+                p.config.stages[n] = cfg
+                p.instances[n] = p.classes[n](cfg, StageContext(n))
 
 
 def check_graph(p: Pipeline) -> List[str]:

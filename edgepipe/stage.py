@@ -197,12 +197,16 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     letterboxed). A processor that produces "candidates" is a detector for the metrics
     (``edgepipe_detector_*`` series exist from the start). Batching is driven by the config: a
     processor whose ``Config`` has ``max_batch`` and ``max_wait_ms`` fields gets batches.
+    ``keep_original_option`` names a bool field of ``Config`` that makes the stage carry the
+    source picture along in ``Frame.original`` (the ``letterbox`` stage's ``keep_original``); see
+    :class:`Sink` (``needs_original``) for who turns it on.
     """
 
     kind: ClassVar[str] = "stage"
     Config: ClassVar[Type[StageConfig]] = StageConfig
     accepts: ClassVar[Tuple[str, ...]] = ()
     produces: ClassVar[Optional[str]] = None
+    keep_original_option: ClassVar[Optional[str]] = None
 
     def __init__(self, config: StageConfig, context: StageContext):
         self.config = config
@@ -306,8 +310,15 @@ class Sink(Stage):
 
     ``process(frames)`` receives a non-empty list of frames and delivers them. A sink that cannot
     keep up is what 'latest' links protect against; a sink must not buffer without bound.
-    ``needs_original`` (class attribute) asks the letterbox stage upstream to carry the original
-    frame along (for drawing annotated images).
+
+    ``needs_original`` asks for the full-resolution source picture (``Frame.original``), to draw
+    annotated images on: a class attribute, or set on the instance in ``__init__`` when the
+    config decides (``zmq_pub`` needs it only with ``frames_fps``). When the config is loaded,
+    every stage upstream of such a sink that has a :attr:`Stage.keep_original_option` (the
+    ``letterbox`` stage) gets that option set to true, unless the config sets it explicitly
+    (``keep_original: false`` saves the bandwidth; the sink then draws on what it gets). A
+    detector fed straight from a source letterboxes by itself and carries no original: put a
+    ``letterbox`` stage before it.
     """
 
     kind: ClassVar[str] = "sink"

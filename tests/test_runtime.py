@@ -680,7 +680,9 @@ def test_two_daemons_side_by_side(tmp_path):
 def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
     """synthetic -> letterbox -> yolov5 -> nms -> zmq_pub from the first-party plugins: the
     detector's worker is killed, the supervisor brings it back (model reloaded and warmed) and
-    detections resume with frame ids still increasing; the source never restarts."""
+    detections resume with frame ids still increasing; the source never restarts. A video sink
+    beside zmq_pub draws on the full-resolution frames although the config does not ask the
+    letterbox stage to keep them (the sink's needs_original does)."""
     import socket
 
     from helpers.daemon import Subscriber
@@ -697,8 +699,10 @@ def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
                          "device": "cpu", "threads": 1, "imgsz": 64},
             "post": {"type": "nms", "inputs": ["detector"]},
             "pub": {"type": "zmq_pub", "inputs": ["post"], "bind": endpoint},
+            "film": {"type": "video", "inputs": ["post"], "path": str(tmp_path / "film.avi"), "codec": "MJPG"},
         },
     }
+    assert "keep_original" not in config["stages"]["prep"]
     with Subscriber(endpoint) as sub, Daemon(config, tmp_path) as d:
         d.wait_ready()
         sub.wait_for(lambda ms: len(ms) >= 5, timeout=60)
@@ -714,3 +718,7 @@ def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
         assert d.sample("edgepipe_worker_restarts_total", worker="detector") == 1
         assert d.sample("edgepipe_detector_info", stage="detector", device="cpu") == 1.0
         assert d.stop() == 0
+    video = cv2.VideoCapture(str(tmp_path / "film.avi"))
+    ok, picture = video.read()
+    video.release()
+    assert ok and picture.shape == (120, 160, 3)  # the camera's size, not the 64 px letterbox

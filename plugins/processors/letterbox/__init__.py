@@ -7,7 +7,9 @@ boxes back to original pixels. With ``auto: true`` (the reference's default) pad
 to the nearest multiple of ``stride``, so each camera resolution gets its own minimal input
 shape; ``auto: false`` pads every frame to exactly ``imgsz``, so frames of cameras with different
 resolutions can share one detector batch. ``keep_original: true`` carries the source frame along
-for sinks that draw on it (costs a copy's worth of bandwidth on every link after this one).
+for sinks that draw on it (costs a copy's worth of bandwidth on every link after this one); it is
+turned on by itself when such a sink (``needs_original``: preview, video, zmq_pub with frames) is
+downstream, unless the config sets it.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class LetterboxConfig(StageConfig):
     color: int = Field(114, ge=0, le=255, description="Gray level of the padding.")
     scaleup: bool = Field(True, description="Enlarge frames smaller than imgsz (false: only shrink).")
     keep_original: bool = Field(
-        False, description="Carry the source frame along (Frame.original) for sinks that draw on it."
+        False,
+        description="Carry the source frame along (Frame.original) for sinks that draw on it. "
+        "Default: true when such a sink (preview, video, zmq_pub with frames_fps) is downstream.",
     )
 
     @field_validator("imgsz")
@@ -70,6 +74,7 @@ class LetterboxStage(Processor):
     config: LetterboxConfig
     accepts: ClassVar[Tuple[str, ...]] = ("frames",)
     produces: ClassVar[Optional[str]] = "letterboxed"
+    keep_original_option: ClassVar[Optional[str]] = "keep_original"
 
     def __init__(self, config: LetterboxConfig, context):
         super().__init__(config, context)
