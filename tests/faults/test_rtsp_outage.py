@@ -16,51 +16,15 @@ import os
 import re
 import signal
 import tempfile
-import threading
 import time
-from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 import pytest
-import zmq
 from helpers.daemon import Daemon
 from helpers.rtsp_server import RtspServer
 from test_systemd import NotifySocket, Recorder
 
-from edgepipe.messages import Frame, decode
-
-
-class FrameSink:
-    """The PULL end the daemon's zmq_push sink connects to: (arrival time, frame id, capture time)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.PULL)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.frames: List[Tuple[float, int, float]] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            if self.sock.poll(100):
-                item = decode(self.sock.recv_multipart())
-                if isinstance(item, Frame):
-                    with self._lock:
-                        self.frames.append((time.time(), item.frame_id, item.timestamp))
-
-    def since(self, t: float) -> List[Tuple[float, int, float]]:
-        with self._lock:
-            return [f for f in self.frames if f[2] > t]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.sock.close()
-        self.ctx.term()
+from .util import FrameSink
 
 
 @pytest.fixture(scope="module")
@@ -96,12 +60,7 @@ def setup(tmp_path_factory):
         sink.close()
         recorder.close()
         notify.close()
-        for leftover in ("frames", "run"):
-            path = os.path.join(short, leftover)
-            if os.path.isdir(path):
-                os.rmdir(path)
-            elif os.path.exists(path):
-                os.unlink(path)
+        os.rmdir(os.path.join(short, "run"))
         os.rmdir(short)
 
 

@@ -89,6 +89,7 @@ class FileSource(NumberedSource):
     def _open(self) -> Any:
         import cv2
 
+        self.check()  # a file gone since the last open (looping) is named as such, not as undecodable
         cap = cv2.VideoCapture(self.config.path, cv2.CAP_ANY)  # FFmpeg here, GStreamer on a Jetson build
         if not cap.isOpened():
             cap.release()
