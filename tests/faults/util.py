@@ -19,16 +19,16 @@ from helpers.daemon import Daemon, process_group_members
 from edgepipe.messages import Frame, decode
 
 
-def detection_pipeline(out: Path, name: str = "fault", **source: Any) -> Dict[str, Any]:
-    """source -> letterbox -> yolov5 (yolov5n, untrained, 64 px, CPU) -> nms -> jsonl, one worker
-    per stage. ``source`` replaces the synthetic source's settings (``type`` included)."""
+def detection_pipeline(out: Path, name: str = "fault", imgsz: int = 64, **source: Any) -> Dict[str, Any]:
+    """source -> letterbox -> yolov5 (yolov5n, untrained, ``imgsz`` px, CPU) -> nms -> jsonl, one
+    worker per stage. ``source`` replaces the synthetic source's settings (``type`` included)."""
     scene = source or {"type": "synthetic", "width": 64, "height": 64, "fps": 15}
     return {
         "name": name,
         "stages": {
             "scene": scene,
-            "prep": {"type": "letterbox", "inputs": ["scene"], "imgsz": 64},
-            "det": {"type": "yolov5", "inputs": ["prep"], "cfg": "yolov5n", "imgsz": 64, "device": "cpu",
+            "prep": {"type": "letterbox", "inputs": ["scene"], "imgsz": imgsz},
+            "det": {"type": "yolov5", "inputs": ["prep"], "cfg": "yolov5n", "imgsz": imgsz, "device": "cpu",
                     "threads": 1, "conf_thres": 0.01},
             "post": {"type": "nms", "inputs": ["det"], "conf_thres": 0.01},
             "out": {"type": "jsonl", "inputs": ["post"], "path": str(out)},
