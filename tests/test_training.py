@@ -215,3 +215,23 @@ def test_export_loads_in_edgepipe_and_matches_the_ema(tmp_path: Path) -> None:
     # fp16 weights: scores agree to a few thousandths, boxes to a fraction of a pixel.
     assert torch.allclose(got[..., 4:], ref[..., 4:], atol=5e-3)
     assert torch.allclose(got[..., :4], ref[..., :4], atol=0.5)
+
+
+# ------------------------------------------------------------------------ the shipped model
+
+SHIPPED = Path(__file__).resolve().parents[1] / "edgepipe" / "data" / "demo-yolov5n.safetensors"
+
+
+def test_shipped_demo_model_detects_held_out_scenes() -> None:
+    """The committed weights find the shapes in scenes no training batch contained (a smaller
+    sample than docs/training.md's 500 images, with a margin below its numbers)."""
+    from edgepipe.yolo.weights import load_model
+    from tools.evaluate import evaluate_frames, evaluate_scenes
+
+    model = load_model(SHIPPED, device="cpu", half=False).float()
+    assert list(model.names) == list(CLASSES)
+    assert SHIPPED.stat().st_size < 8_000_000
+    res = evaluate_scenes(model, seed=4242, n=48, imgsz=320, size_range=(12.0, 160.0))
+    assert res["mAP50"] >= 0.90, res
+    wide = evaluate_frames(model, seed=4243, n=16, frame=(1280, 720), imgsz=640, size_range=(28.0, 300.0))
+    assert wide["mAP50"] >= 0.90, wide

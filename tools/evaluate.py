@@ -2,12 +2,14 @@
 
     python -m tools.evaluate edgepipe/data/demo-yolov5n.safetensors --seed 12345 --n 500
     python -m tools.evaluate WEIGHTS --frame 1280x720 --imgsz 640 --min-size 28 --max-size 300
+    python -m tools.evaluate WEIGHTS --frame 720x1280 --imgsz 640 --stream
 
 Without ``--frame``, scenes are rendered at the model's input size (``--imgsz`` square) with
 objects of 12 to 160 px, as the demo model's goal is stated. With ``--frame WxH`` full frames are
 rendered (objects sized in frame pixels), letterboxed to ``--imgsz`` the way the pipeline does,
 and the detections mapped back to the frame before matching: the end-to-end geometry without the
-daemon. WEIGHTS is any file edgepipe loads, or a training checkpoint (``runs/*/last.pt``: its
+daemon; ``--stream`` takes those frames from the synthetic source's moving-shapes video instead.
+WEIGHTS is any file edgepipe loads, or a training checkpoint (``runs/*/last.pt``: its
 EMA weights). AP uses COCO's 101-point interpolation unless ``--ap continuous``; NMS runs at
 ``conf_thres`` 0.001 and ``iou_thres`` 0.6, the usual settings for measuring mAP.
 """
@@ -19,12 +21,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from edgepipe.scenes import CLASSES, render_scene
+from edgepipe.scenes import CLASSES, SceneStream, render_scene
 from edgepipe.yolo.ops import letterbox, non_max_suppression, scale_boxes
 from tools.metrics import DetectionStats
 
@@ -60,23 +62,44 @@ def evaluate_scenes(model: torch.nn.Module, seed: int, n: int, imgsz: int,
     return stats.summary(CLASSES)
 
 
-def evaluate_frames(model: torch.nn.Module, seed: int, n: int, frame: Tuple[int, int], imgsz: int,
-                    size_range: Tuple[float, float], method: str = "101") -> Dict[str, Any]:
-    """mAP on ``n`` frames of ``frame`` = (width, height), letterboxed to ``imgsz`` (minimal
-    stride-32 padding, as the pipeline's letterbox stage does), boxes mapped back to the frame."""
+def _evaluate_letterboxed(model: torch.nn.Module, frames: Iterator[Tuple[np.ndarray, np.ndarray]],
+                          imgsz: int, method: str) -> Dict[str, Any]:
+    """mAP over (frame, truth) pairs: each frame letterboxed to ``imgsz`` (minimal stride-32
+    padding, as the pipeline's letterbox stage does) and its boxes mapped back to the frame."""
     was_training = model.training
     model.eval()
-    rng = np.random.default_rng(seed)
     stats = DetectionStats(len(CLASSES), method)
-    width, height = frame
-    for _ in range(n):
-        img, truth = render_scene(rng, width, height, size_range=size_range)
+    for img, truth in frames:
         lb, ratio, pad = letterbox(img, imgsz, auto=True)
         det = _detect(model, [lb])[0]
         det[:, :4] = scale_boxes(lb.shape[:2], det[:, :4], img.shape[:2], (ratio, pad))
         stats.add(det, truth)
     model.train(was_training)
     return stats.summary(CLASSES)
+
+
+def evaluate_frames(model: torch.nn.Module, seed: int, n: int, frame: Tuple[int, int], imgsz: int,
+                    size_range: Tuple[float, float], method: str = "101") -> Dict[str, Any]:
+    """mAP on ``n`` random scenes of ``frame`` = (width, height) pixels, letterboxed."""
+    rng = np.random.default_rng(seed)
+    frames = (render_scene(rng, frame[0], frame[1], size_range=size_range) for _ in range(n))
+    return _evaluate_letterboxed(model, frames, imgsz, method)
+
+
+def evaluate_stream(model: torch.nn.Module, seed: int, n: int, frame: Tuple[int, int], imgsz: int,
+                    size_range: Tuple[float, float], objects: int = 6, every: int = 5,
+                    method: str = "101") -> Dict[str, Any]:
+    """mAP on ``n`` frames of the synthetic source's video (:class:`SceneStream`, every
+    ``every``-th frame so that they differ), letterboxed."""
+    stream = SceneStream(frame[0], frame[1], seed=seed, objects=objects, size_range=size_range)
+
+    def frames() -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+        for i in range(n * every):
+            img, truth = stream.next()
+            if i % every == 0:
+                yield img, truth
+
+    return _evaluate_letterboxed(model, frames(), imgsz, method)
 
 
 def load_any(path: Path) -> torch.nn.Module:
@@ -111,6 +134,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--n", type=int, default=500, help="number of images or frames")
     p.add_argument("--imgsz", type=int, default=320, help="model input size")
     p.add_argument("--frame", type=_frame, default=None, help="render WIDTHxHEIGHT frames and letterbox them")
+    p.add_argument("--stream", action="store_true",
+                   help="with --frame: frames of the synthetic source's moving-shapes video instead of random scenes")
+    p.add_argument("--objects", type=int, default=6, help="shapes in the --stream video")
     p.add_argument("--min-size", type=float, default=None, help="smallest object px (12, or 28 with --frame)")
     p.add_argument("--max-size", type=float, default=None, help="largest object px (160, or 300 with --frame)")
     p.add_argument("--ap", default="101", choices=["101", "continuous"], help="AP interpolation")
@@ -126,9 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         res = evaluate_scenes(model, args.seed, args.n, args.imgsz, size_range, method=args.ap)
     else:
         size_range = (args.min_size or 28.0, args.max_size or 300.0)
-        res = evaluate_frames(model, args.seed, args.n, args.frame, args.imgsz, size_range, method=args.ap)
+        if args.stream:
+            res = evaluate_stream(model, args.seed, args.n, args.frame, args.imgsz, size_range,
+                                  objects=args.objects, method=args.ap)
+        else:
+            res = evaluate_frames(model, args.seed, args.n, args.frame, args.imgsz, size_range, method=args.ap)
     res.update({"weights": str(args.weights), "seed": args.seed, "n": args.n, "imgsz": args.imgsz,
                 "frame": None if args.frame is None else "x".join(map(str, args.frame)),
+                "source": "scenes" if args.frame is None else ("stream" if args.stream else "frames"),
                 "object_px": list(size_range), "seconds": round(time.monotonic() - t0, 1)})
     print(json.dumps(res, indent=1))
     return 0

@@ -175,6 +175,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--min-size", type=float, default=8.0, help="smallest object (input pixels)")
     p.add_argument("--max-size", type=float, default=170.0, help="largest object (input pixels)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (results differ across devices)")
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--val-every", type=int, default=500, help="held-out mAP every N steps (0: never)")
     p.add_argument("--val-n", type=int, default=100, help="images in that held-out check")
@@ -200,7 +201,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     ckpt_path = args.out / "last.pt"
 
-    model = new_model(args)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available")
+    model = new_model(args).to(device)
     opt = make_optimizer(model, args)
     ema = ModelEMA(model)
     step, train_seconds = 0, 0.0
@@ -223,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.export_only:
         if args.export is None:
             raise SystemExit("--export-only needs --export PATH")
-        export(ema.ema, args.export, args, step, train_seconds)
+        export(ema.ema.cpu(), args.export, args, step, train_seconds)
         return 0
 
     loss_fn = YoloLoss(model.detect.anchors, model.detect.stride.tolist(), len(CLASSES), args.imgsz)
@@ -237,8 +244,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        preds = model(torch.from_numpy(images))
-        loss, parts = loss_fn(preds, torch.from_numpy(targets))
+        preds = model(torch.from_numpy(images).to(device))
+        loss, parts = loss_fn(preds, torch.from_numpy(targets).to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
@@ -272,7 +279,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     log.info("Finished %d steps in %.0f s of training", step, train_seconds)
     if args.export is not None:
-        export(ema.ema, args.export, args, step, train_seconds)
+        export(ema.ema.cpu(), args.export, args, step, train_seconds)
     return 0
 
 
