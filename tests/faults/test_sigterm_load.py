@@ -42,7 +42,7 @@ def test_sigterm_to_the_group_mid_file_drains_every_read_frame_exactly_once(tmp_
     os.rmdir(config["runtime"]["dir"])
     assert took < 10.0, took
     assert d.log.rstrip().endswith("supervisor: Stopped"), d.log
-    messages = jsonl(out)  # every line whole and parseable
+    messages = jsonl(out, final=True)  # every line whole and parseable
     ids = [m["frame_id"] for m in messages]
     assert ids == list(range(len(ids))), "a frame lost, repeated or out of order"
     # Every frame read before the signal (at least what the counter said just before it) is in,

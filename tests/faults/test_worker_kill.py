@@ -72,4 +72,4 @@ def test_kill_9_restarts_only_that_worker_and_the_pipeline_resumes(daemon: Daemo
 def test_after_the_kills_sigterm_exits_0_with_every_restart_counted(daemon: Daemon):
     assert {w: daemon.sample("edgepipe_worker_restarts_total", worker=w) for w in STAGES} == dict.fromkeys(STAGES, 1)
     assert daemon.stop(timeout=30) == 0
-    assert jsonl(daemon.out)  # whole lines only (jsonl() asserts it)
+    assert jsonl(daemon.out, final=True)  # whole lines only

@@ -38,13 +38,17 @@ def detection_pipeline(out: Path, name: str = "fault", imgsz: int = 64, **source
     }
 
 
-def jsonl(path: Path) -> List[Dict[str, Any]]:
-    """Every line of a jsonl sink's file, each of which must be whole, parseable JSON."""
+def jsonl(path: Path, final: bool = False) -> List[Dict[str, Any]]:
+    """The lines of a jsonl sink's file, each whole, parseable JSON. While the daemon runs
+    (``final`` false) a last line may be in the middle of being written (a long line is not
+    written in one piece) and is left out; once it has exited the file must end with a newline."""
     if not path.exists():
         return []
     text = path.read_text()
-    assert text == "" or text.endswith("\n"), f"{path} ends in a partial line"
-    return [json.loads(line) for line in text.splitlines()]
+    if final:
+        assert text == "" or text.endswith("\n"), f"{path} ends in a partial line"
+    lines = text.split("\n")[:-1]  # the part after the last newline is unfinished
+    return [json.loads(line) for line in lines]
 
 
 def write_video(path: Path, frames: int, width: int = 64, height: int = 48, fps: float = 25.0) -> None:
