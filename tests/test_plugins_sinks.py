@@ -4,6 +4,8 @@ and annotated JPEGs), jsonl rotation and its pre-flight, zmq_push read by a real
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 from typing import List, Tuple
@@ -48,22 +50,29 @@ def sub_ctx():
     ctx.destroy(linger=0)
 
 
+def subscribed(sink: ZmqPubSink, ctx: zmq.Context, rcvhwm: int = 1000) -> zmq.Socket:
+    """A SUB socket on the sink's address whose subscription has reached the publisher: PUB
+    drops until then (slow joiner), so publish until one arrives, then drain."""
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.RCVHWM, rcvhwm)
+    sub.setsockopt(zmq.SUBSCRIBE, b"detections/")
+    sub.connect(sink._endpoint.address)
+    frame_id = 0
+    while not sub.poll(50):
+        sink.process([det_frame("warmup", frame_id)])
+        frame_id += 1
+        assert frame_id < 200, "subscriber never received anything"
+    while sub.poll(50):
+        sub.recv_multipart()
+    return sub
+
+
 def test_zmq_pub_detection_messages_reach_a_subscriber(sub_ctx: zmq.Context):
     sink = ZmqPubSink(ZmqPubConfig(inputs=["post"], bind="tcp://127.0.0.1:*"), StageContext("publish"))
     assert not sink.needs_original
     sink.start()
     try:
-        sub = sub_ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"detections/")
-        sub.connect(sink._endpoint.address)
-        # PUB drops until the subscription has propagated (slow joiner): publish until one arrives.
-        frame_id = 0
-        while not sub.poll(50):
-            sink.process([det_frame("warmup", frame_id)])
-            frame_id += 1
-            assert frame_id < 200, "subscriber never received anything"
-        while sub.poll(50):
-            sub.recv_multipart()
+        sub = subscribed(sink, sub_ctx)
         published_before = sink.metrics.published.value
 
         sink.process([det_frame("cam1", 0), det_frame("cam2", 0, n=0), det_frame("cam1", 1, n=3)])
@@ -83,6 +92,37 @@ def test_zmq_pub_detection_messages_reach_a_subscriber(sub_ctx: zmq.Context):
     assert sink.metrics.published.value - published_before == 3
     assert sink.metrics.frame_age.count >= 3 and sink.metrics.frame_age.sum > 0
     assert sink.metrics.detections.value >= 5
+
+
+def test_zmq_pub_delivers_its_last_messages_when_it_stops(sub_ctx: zmq.Context):
+    """Messages still queued when the sink stops (a drained pipeline's last ones) reach a
+    connected subscriber: the socket lingers up to ``linger`` (1 s) instead of dropping them.
+    The subscriber holds off reading until the stop, so the queue is surely not empty: 40
+    messages of about 300 kB fill the kernel's buffers (up to 4 MB here) and the rest waits in
+    the socket (without linger the subscriber got about 11 of them)."""
+    sink = ZmqPubSink(ZmqPubConfig(inputs=["post"], bind="tcp://127.0.0.1:*"), StageContext("publish"))
+    sink.start()
+    stopping = threading.Event()
+    got: List[bytes] = []
+
+    def read() -> None:
+        stopping.wait()
+        while sub.poll(2000):
+            got.append(sub.recv_multipart()[1])
+
+    reader = threading.Thread(target=read)
+    try:
+        sub = subscribed(sink, sub_ctx, rcvhwm=1)  # what it does not read stays with the sender
+        reader.start()
+        sink.process([det_frame("cam", k, n=3000) for k in range(40)])
+    finally:
+        stopping.set()
+        t0 = time.monotonic()
+        sink.stop()
+        took = time.monotonic() - t0
+    reader.join()
+    assert [json.loads(body)["frame_id"] for body in got] == list(range(40))
+    assert took < 1.5  # bounded by the linger
 
 
 def test_zmq_pub_annotated_frames_at_a_capped_rate(sub_ctx: zmq.Context):
@@ -177,6 +217,37 @@ def test_jsonl_appends_and_truncates_without_backups(tmp_path: Path):
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert lines and "old" not in lines[0] and lines[-1]["frame_id"] == 9
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+def test_jsonl_cuts_a_partial_last_line_at_start_and_syncs_to_disk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+):
+    """A worker killed in the middle of a write leaves half a line: the next start cuts it, so
+    every line parses. Data is fsync-ed before a rotation and when the sink stops."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"frame_id": 0}\n{"frame_id": 1}\n{"frame_id": 2, "detec')
+    synced: List[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:  # the real call, recorded
+        real_fsync(fd)
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    sink = JsonlSink(JsonlConfig(path=str(path), max_bytes=1500, backups=1), StageContext("log"))
+    sink.start()
+    assert "Removed a partial last line (22 bytes)" in caplog.text
+    sink.process([det_frame("cam", 3)])
+    assert [json.loads(x)["frame_id"] for x in path.read_text().splitlines()] == [0, 1, 3]
+    assert synced == []
+    for k in range(4, 10):
+        sink.process([det_frame("cam", k)])  # 333 bytes each: rotates once, before frame 7
+    assert (tmp_path / "d.jsonl.1").exists()
+    assert synced[:2] == [str(path), str(tmp_path)]  # the file, then the renames in its directory
+    sink.stop()
+    assert synced[-1] == str(path)
+    ids = [json.loads(x)["frame_id"] for name in ("d.jsonl.1", "d.jsonl") for x in (tmp_path / name).read_text().splitlines()]
+    assert ids == [0, 1] + list(range(3, 10))
 
 
 def test_jsonl_check_refuses_unwritable_paths(tmp_path: Path):

@@ -5,6 +5,7 @@ installed into the venv once per session, so these tests need no camera, model o
 from __future__ import annotations
 
 import collections
+import json
 import os
 import re
 import shutil
@@ -682,7 +683,10 @@ def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
     detector's worker is killed, the supervisor brings it back (model reloaded and warmed) and
     detections resume with frame ids still increasing; the source never restarts. A video sink
     beside zmq_pub draws on the full-resolution frames although the config does not ask the
-    letterbox stage to keep them (the sink's needs_original does)."""
+    letterbox stage to keep them (the sink's needs_original does). A jsonl sink, also fed
+    losslessly ('block'), starts on a file whose last line was cut by a killed writer: it is
+    repaired, and after SIGTERM the subscriber has had the same messages as the file, up to the
+    last one (zmq_pub lingers on its way out)."""
     import socket
 
     from helpers.daemon import Subscriber
@@ -698,11 +702,13 @@ def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
             "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": "yolov5n",
                          "device": "cpu", "threads": 1, "imgsz": 64},
             "post": {"type": "nms", "inputs": ["detector"]},
-            "pub": {"type": "zmq_pub", "inputs": ["post"], "bind": endpoint},
+            "pub": {"type": "zmq_pub", "inputs": ["post"], "bind": endpoint, "policy": "block"},
             "film": {"type": "video", "inputs": ["post"], "path": str(tmp_path / "film.avi"), "codec": "MJPG"},
+            "log": {"type": "jsonl", "inputs": ["post"], "path": str(tmp_path / "log.jsonl"), "policy": "block"},
         },
     }
     assert "keep_original" not in config["stages"]["prep"]
+    (tmp_path / "log.jsonl").write_bytes(b'{"earlier": 0}\n{"earlier": 1}\n{"earlier": 2, "cut sh')
     with Subscriber(endpoint) as sub, Daemon(config, tmp_path) as d:
         d.wait_ready()
         sub.wait_for(lambda ms: len(ms) >= 5, timeout=60)
@@ -718,6 +724,13 @@ def test_kill_9_of_the_detector_in_a_real_chain(tmp_path):
         assert d.sample("edgepipe_worker_restarts_total", worker="detector") == 1
         assert d.sample("edgepipe_detector_info", stage="detector", device="cpu") == 1.0
         assert d.stop() == 0
+        lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+        assert lines[:2] == [{"earlier": 0}, {"earlier": 1}]
+        logged = [m["frame_id"] for m in lines[2:]]
+        assert logged and logged == sorted(set(logged))
+        got = [m["frame_id"] for _, m in sub.wait_for(lambda ms: ms[-1][1]["frame_id"] >= logged[-1], 5)]
+        assert got == logged[logged.index(got[0]):], "the subscriber missed messages the file has"
+    assert "Removed a partial last line (22 bytes)" in d.log
     video = cv2.VideoCapture(str(tmp_path / "film.avi"))
     ok, picture = video.read()
     video.release()

@@ -5,11 +5,15 @@ publishes), written whole and flushed after every batch, so a reader (``tail -f`
 shipper) never sees half a message. With ``max_bytes`` the file rotates by size like logrotate:
 ``path`` -> ``path.1`` -> ... -> ``path.<backups>``, the oldest deleted. When the disk is full
 (or the file becomes unwritable) the messages are dropped, counted as errors, and writing resumes
-by itself when space returns; one log line marks the outage and one its end.
+by itself when space returns; one log line marks the outage and one its end. The file is
+``fsync``-ed before it is rotated away and when the sink stops, so a power cut after a clean stop
+or a rotation loses nothing written before; a partial last line left by a killed worker (or a
+failed write) is cut off when the sink starts, so the file stays parseable line by line.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -63,6 +67,14 @@ class JsonlSink(Sink):
         self.check()
         self._path = os.path.expanduser(self.config.path)
         self._failing = False
+        try:
+            cut = _trim_partial_line(self._path)
+        except OSError as exc:
+            raise StageError(f"jsonl path {self.config.path!r}: {exc.strerror or exc}") from None
+        if cut:
+            self.log.warning(
+                "Removed a partial last line (%d bytes) from %r, left by an interrupted write", cut, self._path
+            )
         self._open()
 
     def _open(self) -> None:
@@ -71,6 +83,7 @@ class JsonlSink(Sink):
 
     def _rotate(self) -> None:
         assert self._file is not None
+        _sync(self._file)  # what goes to a backup is on the disk before the names change
         self._file.close()
         self._file = None
         keep = self.config.backups
@@ -82,6 +95,7 @@ class JsonlSink(Sink):
                 if os.path.exists(older):
                     os.replace(older, f"{self._path}.{i + 1}")
             os.replace(self._path, f"{self._path}.1")
+            _sync_directory(os.path.dirname(os.path.abspath(self._path)))
         self._open()
 
     def process(self, frames: List[Frame]) -> None:
@@ -125,19 +139,59 @@ class JsonlSink(Sink):
             except OSError:
                 pass  # the unflushed bytes are the failed batch; losing them is the point
         try:
-            size = os.path.getsize(self._path)
-            if size and _last_byte(self._path) != b"\n":
-                os.truncate(self._path, _last_newline(self._path))
+            _trim_partial_line(self._path)
         except OSError:
             pass  # still failing; the next batch tries again
 
     def stop(self) -> None:
-        if self._file is not None:
-            try:
-                self._file.close()
-            except OSError as exc:
-                self.log.error("Closing %r failed: %s", self._path, exc.strerror or exc)
-            self._file = None
+        file, self._file = self._file, None
+        if file is None:
+            return
+        try:
+            _sync(file)
+        except OSError as exc:
+            self.log.error("Closing %r failed: %s", self._path, exc.strerror or exc)
+        try:
+            file.close()
+        except OSError:
+            pass  # the failed flush again, logged above
+
+
+def _sync(file: IO[bytes]) -> None:
+    """Flush to the operating system and on to the disk (a device such as /dev/full that
+    cannot be synced is only flushed)."""
+    file.flush()
+    try:
+        os.fsync(file.fileno())
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+
+
+def _sync_directory(path: str) -> None:
+    """fsync a directory, so renames in it are durable (where the system allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; the data itself is synced
+    finally:
+        os.close(fd)
+
+
+def _trim_partial_line(path: str) -> int:
+    """Cut a last line that has no newline (a write that was interrupted); the bytes removed."""
+    if not os.path.exists(path):
+        return 0
+    size = os.path.getsize(path)
+    if not size or _last_byte(path) == b"\n":
+        return 0
+    keep = _last_newline(path)
+    os.truncate(path, keep)
+    return size - keep
 
 
 def _last_byte(path: str) -> bytes:

@@ -8,7 +8,9 @@ confidences drawn by :mod:`edgepipe.draw`) also go out on ``frames/<source>``, a
 per second per source, so a viewer can watch without the cost of sending every frame. PUB never
 blocks: a subscriber too slow to read loses messages (ZeroMQ's high-water mark) and sees the gap
 in ``frame_id``. The socket binds loopback by default; a public bind needs CURVE keys or
-``insecure: true``.
+``insecure: true``. When the sink stops (the pipeline drained on SIGTERM, or its sources ended)
+the socket keeps delivering what is still queued towards connected subscribers for up to
+``linger`` seconds, so the last messages of a run are not cut off.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ class ZmqPubConfig(NetworkSecurity, StageConfig):
     jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the annotated frames.")
     hwm: int = Field(
         1000, ge=1, le=1000000, description="Messages queued per subscriber before PUB drops them for it."
+    )
+    linger: float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="Seconds the socket keeps delivering queued messages to connected subscribers "
+        "when the sink stops; bounded so a stalled subscriber cannot hold up the shutdown.",
     )
 
 
@@ -103,5 +112,5 @@ class ZmqPubSink(Sink):
 
     def stop(self) -> None:
         if self._endpoint is not None:
-            self._endpoint.close()
+            self._endpoint.close(linger=self.config.linger)
             self._endpoint = None
