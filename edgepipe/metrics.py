@@ -76,6 +76,8 @@ METRIC_NAMES: Dict[str, str] = {
     "edgepipe_sink_frame_age_seconds": "Capture-to-publish age of a frame as a sink delivers it.",
     "edgepipe_sink_messages_published_total": "Messages a sink delivered.",
     "edgepipe_sink_detections_total": "Detections a sink delivered.",
+    "edgepipe_security_rejected_clients_total": "CURVE handshakes refused because the client's "
+    "key is not in the allow-list (stages holding a CURVE server).",
     "edgepipe_worker_resident_memory_bytes": "Resident memory of the worker process.",
     "edgepipe_worker_cpu_seconds_total": "CPU time (user + system) of the worker process.",
     "edgepipe_worker_restarts_total": "Times the supervisor restarted this worker.",
@@ -189,7 +191,10 @@ class DeviceGauge:
         self.values[str(device)] = float(value)
 
 
-_COUNTERS = ("received", "sent", "busy_seconds", "frames_read", "reconnects", "published", "detections")
+_COUNTERS = (
+    "received", "sent", "busy_seconds", "frames_read", "reconnects", "published", "detections",
+    "rejected_clients",
+)
 _GAUGES = ("last_progress", "last_frame_timestamp", "fps")
 _HISTOGRAMS = {
     "processing_seconds": PROCESSING_BUCKETS,
@@ -223,11 +228,15 @@ class StageMetrics:
         once after loading, ``metrics.gpu_memory.set(nbytes)`` on CUDA only;
       - sinks: ``metrics.frame_age.observe(time.time() - frame.timestamp)`` and
         ``metrics.published.inc()`` per message delivered, ``metrics.detections.inc(n)``;
-      - any stage dropping frames on purpose: ``metrics.dropped.labels("stale").inc()``.
+      - any stage dropping frames on purpose: ``metrics.dropped.labels("stale").inc()``;
+      - a stage holding a CURVE server socket: ``metrics.curve_server = True`` once it is set
+        up, and ``metrics.rejected_clients.inc()`` per refused handshake (the ZAP
+        authenticator's thread does this through :func:`edgepipe.security.secure_server`).
 
     Exported as the ``edgepipe_stage_*`` families for every stage, ``edgepipe_source_*`` for
     sources, ``edgepipe_sink_*`` for sinks, ``edgepipe_detector_*`` for detectors (stages whose
-    class ``produces`` "candidates", or any stage that records batch sizes/inference time/info).
+    class ``produces`` "candidates", or any stage that records batch sizes/inference time/info),
+    ``edgepipe_security_rejected_clients_total`` for stages with a CURVE server.
     """
 
     def __init__(self, stage: str, kind: str = "processor", detector: bool = False) -> None:
@@ -241,6 +250,8 @@ class StageMetrics:
         self.reconnects = Counter()
         self.published = Counter()
         self.detections = Counter()
+        self.rejected_clients = Counter()
+        self.curve_server = False
         self.dropped = CounterVec("reason", DROP_REASONS)
         self.errors = CounterVec("type", ERROR_TYPES)
         self.last_progress = Gauge()
@@ -283,6 +294,7 @@ class StageMetrics:
             },
             "gpu_memory": dict(self.gpu_memory.values),
             "info": dict(self.info) if self.info else None,
+            "curve_server": self.curve_server,
         }
 
     @classmethod
@@ -308,6 +320,7 @@ class StageMetrics:
         m.gpu_memory.values = {str(k): float(v) for k, v in (snap.get("gpu_memory") or {}).items()}
         info = snap.get("info")
         m.info = {str(k): str(v) for k, v in info.items()} if info else None
+        m.curve_server = bool(snap.get("curve_server"))
         return m
 
     def plus(self, later: StageMetrics) -> StageMetrics:
@@ -326,6 +339,7 @@ class StageMetrics:
             h.sum = a.sum + b.sum
         out.gpu_memory.values = dict(later.gpu_memory.values)
         out.info = later.info or self.info
+        out.curve_server = self.curve_server or later.curve_server
         return out
 
 
@@ -482,6 +496,8 @@ class PipelineCollector:
                 hist("edgepipe_sink_frame_age_seconds", s, m.frame_age)
                 fam("edgepipe_sink_messages_published_total", CounterMetricFamily, ["stage"]).add_metric(s, m.published.value)
                 fam("edgepipe_sink_detections_total", CounterMetricFamily, ["stage"]).add_metric(s, m.detections.value)
+            if m.curve_server:
+                fam("edgepipe_security_rejected_clients_total", CounterMetricFamily, ["stage"]).add_metric(s, m.rejected_clients.value)
         for w in view.workers:
             n = [w.name]
             fam("edgepipe_worker_resident_memory_bytes", GaugeMetricFamily, ["worker"]).add_metric(n, w.rss)

@@ -26,7 +26,19 @@ import re
 import stat
 import threading
 from pathlib import Path
-from typing import Any, ClassVar, Dict, FrozenSet, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    FrozenSet,
+    List,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -415,16 +427,20 @@ class NetworkSecurity(BaseModel):
 
 
 class _AllowList:
-    """ZAP credentials provider: a fixed set of Z85 client keys; counts refusals."""
+    """ZAP credentials provider: a fixed set of Z85 client keys; counts refusals and tells the
+    ``listeners`` (called on the authenticator's thread)."""
 
     def __init__(self, keys: FrozenSet[bytes]):
         self.keys = keys
         self.rejected = 0
+        self.listeners: List[Callable[[], None]] = []
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key in self.keys:
             return True
         self.rejected += 1
+        for listener in self.listeners:
+            listener()
         return False
 
 
@@ -458,6 +474,7 @@ def secure_server(
     curve: Optional[CurveConfig],
     context: Any = None,
     max_message_size: int = FRAME_MAX_MESSAGE_SIZE,
+    on_reject: Optional[Callable[[], None]] = None,
 ) -> None:
     """Prepare a socket that will bind: call before ``bind``.
 
@@ -466,7 +483,8 @@ def secure_server(
     default the socket's) is started on first use and stays up until
     :func:`stop_authenticators`. ``ZMQ_ZAP_ENFORCE_DOMAIN`` is set so that without a running
     authenticator clients are refused, not let in (libzmq's default would let them in).
-    Raises SecurityError for unreadable or unprotected keys.
+    ``on_reject`` is called (on the authenticator's thread) for every refused handshake, e.g. a
+    metrics counter's ``inc``. Raises SecurityError for unreadable or unprotected keys.
     """
     import zmq
 
@@ -482,6 +500,8 @@ def secure_server(
             provider = _AllowList(allowed)
             auth.authenticator.configure_curve_callback(domain, credentials_provider=provider)
             auth.domains[domain] = provider
+        if on_reject is not None:
+            auth.domains[domain].listeners.append(on_reject)
     socket.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
     socket.zap_domain = domain.encode("ascii")
     socket.curve_secretkey = secret

@@ -59,9 +59,20 @@ def check_curve_keys(config: Any) -> None:
 
 
 class ZmqEndpoint:
-    """One socket of ``socket_type`` set up from an :class:`EndpointConfig` (CURVE, limits, HWM)."""
+    """One socket of ``socket_type`` set up from an :class:`EndpointConfig` (CURVE, limits, HWM).
 
-    def __init__(self, socket_type: int, config: Any, max_message_size: int, hwm: int, hwm_option: int):
+    With ``metrics`` (the stage's), a CURVE server marks it (``curve_server``) and counts each
+    refused client in ``rejected_clients`` (``edgepipe_security_rejected_clients_total``)."""
+
+    def __init__(
+        self,
+        socket_type: int,
+        config: Any,
+        max_message_size: int,
+        hwm: int,
+        hwm_option: int,
+        metrics: Any = None,
+    ):
         import zmq
 
         self.context = zmq.Context()
@@ -71,7 +82,10 @@ class ZmqEndpoint:
         self._curve = config.curve is not None
         try:
             if config.bind is not None:
-                secure_server(self.socket, config.curve, self.context, max_message_size)
+                on_reject = metrics.rejected_clients.inc if metrics is not None else None
+                secure_server(self.socket, config.curve, self.context, max_message_size, on_reject)
+                if metrics is not None and self._curve:
+                    metrics.curve_server = True
                 self.socket.bind(config.bind)
                 self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             else:

@@ -12,13 +12,14 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import yaml
 from helpers.daemon import Daemon
 
 from edgepipe.client import subscribe
+from edgepipe.metrics import iter_samples
 from edgepipe.security import CurveConfig, generate_keys
 
 pytestmark = pytest.mark.slow
@@ -55,14 +56,28 @@ def pipeline(port: int, publish: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def get(url: str, auth: str = "") -> int:
+    return fetch(url, auth)[0]
+
+
+def fetch(url: str, auth: str = "") -> Tuple[int, str]:
     request = urllib.request.Request(url)
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status
+            return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
-        return exc.code
+        return exc.code, ""
+
+
+def rejected(address: str) -> Optional[float]:
+    """edgepipe_security_rejected_clients_total of the publishing stage (None: no such series)."""
+    code, text = fetch(f"http://{address}/metrics", "scraper:s3cret")
+    assert code == 200
+    for name, labels, value in iter_samples(text):
+        if name == "edgepipe_security_rejected_clients_total" and labels == {"stage": "publish"}:
+            return value
+    return None
 
 
 def test_validate_refuses_a_public_bind_without_curve_naming_the_path(tmp_path: Path):
@@ -99,6 +114,8 @@ def test_curve_daemon_serves_allowed_subscribers_only(tmp_path: Path):
 
     with Daemon(config, tmp_path) as daemon:
         address = daemon.wait_ready()
+        daemon.wait_until(lambda: rejected(address) is not None, message="the refusals series")
+        assert rejected(address) == 0.0  # exists from the start, for the stage with a CURVE server
         # Started together, so the refused subscribers' windows overlap the allowed one's.
         allowed = edgepipe("subscribe", endpoint, "--count", "20", "--timeout", "60",
                            "--curve-server-key", server_key,
@@ -127,6 +144,9 @@ def test_curve_daemon_serves_allowed_subscribers_only(tmp_path: Path):
             code, out, err = outputs[name]
             assert code != 0 and out == "", f"{name} subscriber received data: {out[:200]!r}"
             assert "no message on" in err
+        # The stranger's handshakes were refused by the allow-list, and counted (the plain
+        # subscriber speaks no CURVE: no handshake to refuse).
+        assert (rejected(address) or 0) >= 1
 
         # The Python API with the same keys: typed messages.
         curve = CurveConfig(client_secret_key=keys / "clients" / "viewer.key_secret", server_public_key=server_key)

@@ -74,7 +74,7 @@ class ZmqPubSink(Sink):
     def start(self) -> None:
         import zmq
 
-        self._endpoint = ZmqEndpoint(zmq.PUB, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM)
+        self._endpoint = ZmqEndpoint(zmq.PUB, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM, self.metrics)
         self._socket = self._endpoint.socket
         self._next_picture: Dict[str, float] = {}
         self.log.info("Publishing detections on %r", self._endpoint.address)

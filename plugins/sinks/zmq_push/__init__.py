@@ -54,7 +54,7 @@ class ZmqPushSink(Sink):
         import zmq
 
         # PUSH only ever receives handshakes; keep its inbound limit small.
-        self._endpoint = ZmqEndpoint(zmq.PUSH, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM)
+        self._endpoint = ZmqEndpoint(zmq.PUSH, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM, self.metrics)
         self._endpoint.socket.setsockopt(zmq.SNDTIMEO, int(self.config.send_timeout * 1000))
         self._sources: Set[str] = set()
 

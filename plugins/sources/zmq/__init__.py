@@ -72,7 +72,7 @@ class ZmqSource(NumberedSource):
     def start(self) -> None:
         import zmq
 
-        self._endpoint = ZmqEndpoint(zmq.PULL, self.config, FRAME_MAX_MESSAGE_SIZE, self.config.hwm, zmq.RCVHWM)
+        self._endpoint = ZmqEndpoint(zmq.PULL, self.config, FRAME_MAX_MESSAGE_SIZE, self.config.hwm, zmq.RCVHWM, self.metrics)
         self._seen: Set[str] = set()
         self._ended: Set[str] = set()
 
