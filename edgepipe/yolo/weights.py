@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from edgepipe.yolo.builtin import PREFIX as BUILTIN_PREFIX
+from edgepipe.yolo.builtin import resolve_weights
 from edgepipe.yolo.model import (
     SHIPPED,
     ConfigError,
@@ -277,8 +279,14 @@ def _read_safetensors(path: Path, cfg: Any, nc: Optional[int], label: str) -> We
 def read_weights(path: PathLike, cfg: Any = None, nc: Optional[int] = None) -> Weights:
     """Read any accepted weights file into :class:`Weights` (tensors on the CPU, no model yet).
 
-    ``cfg`` and ``nc`` matter for plain state dicts only (see the module docstring).
+    ``cfg`` and ``nc`` matter for plain state dicts only (see the module docstring). ``path``
+    may name a packaged model as ``builtin:<name>`` (:mod:`edgepipe.yolo.builtin`).
     """
+    if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
+        try:
+            path = resolve_weights(path)
+        except ValueError as exc:
+            raise WeightsError(str(exc)) from None
     p = Path(path)
     label = str(p)
     kind = _sniff(p)

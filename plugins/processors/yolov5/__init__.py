@@ -28,7 +28,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from edgepipe.messages import Frame
-from edgepipe.stage import ExistingFile, Processor, StageConfig, StageError
+from edgepipe.stage import Processor, StageConfig, StageError
+from edgepipe.yolo.builtin import WeightsRef
 
 from .._common import only_changed
 from ..letterbox import parse_imgsz
@@ -37,10 +38,11 @@ __all__ = ["YoloV5Config", "YoloV5Stage", "pick_device"]
 
 
 class YoloV5Config(StageConfig):
-    weights: Optional[ExistingFile] = Field(
+    weights: Optional[WeightsRef] = Field(
         None,
         description="Model file: edgepipe safetensors, a YOLOv5 .pt checkpoint (read safely, "
-        "never unpickled blindly) or a state_dict. null: build 'cfg' untrained from 'seed'.",
+        "never unpickled blindly) or a state_dict; 'builtin:demo' is the packaged demo model "
+        "(circle, square, triangle, cross). null: build 'cfg' untrained from 'seed'.",
     )
     cfg: str = Field(
         "yolov5s-r5.0",
