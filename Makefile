@@ -19,7 +19,7 @@ DEB_CHECKS := prometheus:/usr/bin/prometheus gstreamer1.0-tools:/usr/bin/gst-lau
 	gir1.2-gst-rtsp-server-1.0:/usr/lib/x86_64-linux-gnu/girepository-1.0/GstRtspServer-1.0.typelib \
 	chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver libzmq3-dev:/usr/include/zmq.h \
 	systemd:/usr/bin/systemd-analyze gstreamer1.0-plugins-ugly:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstx264.so \
-	gstreamer1.0-rtsp:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstrtsp.so
+	gstreamer1.0-rtsp:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstrtsp.so gcc:/usr/bin/gcc
 
 .PHONY: help venv install deps test demo bench bench-smoke lint soak clean
 
