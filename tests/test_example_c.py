@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
 from helpers.daemon import Daemon
+from helpers.prometheus import free_port
 
 from edgepipe.client import DetectionMessage, detections_schema
 from edgepipe.messages import DETECTIONS_SCHEMA
@@ -40,9 +40,7 @@ def subscriber(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """synthetic -> letterbox -> untrained yolov5n (64 px, low threshold, so boxes come out)
     -> nms -> zmq_pub on a free loopback port (``daemon.endpoint``)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        endpoint = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "name": "example",
         "stages": {
@@ -85,9 +83,7 @@ def test_c_subscriber_prints_schema_conforming_detection_messages(subscriber: Pa
 
 
 def test_c_subscriber_gives_up_after_its_timeout(subscriber: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        nobody = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    nobody = f"tcp://127.0.0.1:{free_port()}"
     r = subprocess.run([str(subscriber), nobody, "1", "0.5"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and r.stdout == ""
     assert r.stderr.strip() == f"subscriber: no message on {nobody} for 0.5 s"
