@@ -58,7 +58,13 @@ deps:
 test: install deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# One minute of generated scenes through the shipped demo model (configs/demo.yaml); it ends by
+# itself with a summary. The variables its header lists pass through (EDGEPIPE_DEMO_FRAMES=...).
 demo: install
+	@mkdir -p "$${EDGEPIPE_DEMO_DIR:-demo-output}"
+	@echo "Live preview: http://127.0.0.1:$${EDGEPIPE_PREVIEW_PORT:-8080}/"
+	@echo "Detections:   $(VENV)/bin/edgepipe subscribe $${EDGEPIPE_PUB:-tcp://127.0.0.1:5556} --topic detections/"
+	@echo "Files:        $${EDGEPIPE_DEMO_DIR:-demo-output}/detections.jsonl, $${EDGEPIPE_DEMO_DIR:-demo-output}/demo.mp4"
 	$(VENV)/bin/edgepipe run configs/demo.yaml
 
 bench: install
