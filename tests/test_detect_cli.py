@@ -251,3 +251,35 @@ def test_detect_bad_input_one_line_error(case, expected, weights, tmp_path):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("edgepipe: error: ") and expected in lines[0]
+
+
+def test_detect_builtin_demo_model_finds_the_shapes(tmp_path):
+    """`--weights builtin:demo` names the packaged model; on a generated scene it finds the drawn
+    shapes with their labels (each truth box matched by a detection of its class, IoU > 0.5)."""
+    from edgepipe.scenes import CLASSES, render_scene
+
+    img, truth = render_scene(np.random.default_rng(777), 320, 256, n_objects=(3, 3), size_range=(40, 90))
+    cv2.imwrite(str(tmp_path / "scene.png"), img)
+    proc = run_detect(str(tmp_path / "scene.png"), "--weights", "builtin:demo", "--imgsz", "320", "--json")
+    (msg,) = messages(proc)
+    dets = msg["detections"]
+    assert {d["label"] for d in dets} <= set(CLASSES)
+
+    def iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = iw * ih
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    for cls, *box in truth.tolist():
+        assert any(d["label"] == CLASSES[int(cls)] and iou(d["bbox"], box) > 0.5 for d in dets), (
+            f"{CLASSES[int(cls)]} at {box} not found in {dets}"
+        )
+
+
+def test_detect_unknown_builtin_is_one_line_error(tmp_path):
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((64, 64), np.uint8))
+    proc = run_detect(str(tmp_path / "a.png"), "--weights", "builtin:nope", check=False)
+    assert proc.returncode != 0
+    assert "builtin:nope" in proc.stderr or "'nope'" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

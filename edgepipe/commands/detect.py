@@ -122,9 +122,15 @@ def make_model(weights: Optional[str], cfg: Optional[str], seed: int, device: st
 
     try:
         if weights is not None:
-            if not Path(weights).is_file():
+            from edgepipe.yolo.builtin import resolve_weights
+
+            try:
+                path = resolve_weights(weights)  # builtin:demo -> the packaged file
+            except ValueError as exc:
+                raise DetectError(str(exc)) from None
+            if not Path(path).is_file():
                 raise DetectError(f"weights file {weights!r} not found")
-            return load_model(weights, device=device, cfg=cfg)
+            return load_model(path, device=device, cfg=cfg)
         if cfg is None:
             raise DetectError("no model: give --weights FILE (or --cfg NAME for an untrained model)")
         dev = resolve_device(device)
