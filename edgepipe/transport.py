@@ -206,13 +206,19 @@ class Output:
         fan-out) per policy; True when queued. ``latest`` drops at a full link (counted as
         ``queue_full`` in the producer's ``metrics``); ``block`` waits (see module docstring)."""
         if self.policy == "latest":
-            try:
-                self.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
-                return True
-            except zmq.Again:
-                if metrics is not None:
-                    metrics.dropped.labels("queue_full").inc()
-                return False
+            for attempt in range(2):
+                try:
+                    self.sock.send_multipart(parts, zmq.NOBLOCK, copy=False)
+                    return True
+                except zmq.Again:
+                    # libzmq reads the consumer's "room again" notices only now and then on
+                    # send (at most about once a millisecond), so a fast producer can see a
+                    # link as full that was drained long ago; a poll reads them: retry once.
+                    if attempt == 0:
+                        self.sock.poll(0, zmq.POLLOUT)
+            if metrics is not None:
+                metrics.dropped.labels("queue_full").inc()
+            return False
         return self._send_waiting(parts, idle, abort)
 
     def send_eos(self, source: str, idle: Callable[[], None], abort: Callable[[], bool]) -> bool:
