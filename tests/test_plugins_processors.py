@@ -65,7 +65,7 @@ def test_letterbox_gray_bgr_and_original():
 @pytest.fixture(scope="module")
 def detector() -> YoloV5Stage:
     stage = YoloV5Stage(
-        YoloV5Config(inputs=["prep"], weights=None, cfg="yolov5n", seed=3, device="cpu", imgsz=96, conf_thres=0.001, max_batch=4, threads=1),
+        YoloV5Config(inputs=["prep"], weights=None, cfg="yolov5n", seed=3, device="cpu", imgsz=96, conf_thres=0.001, max_batch=4, threads=1, backend="torch"),
         StageContext("detector"),
     )
     stage.start()
