@@ -1,0 +1,322 @@
+"""Throughput: a bare single-process loop against ``edgepipe run`` on the same video file.
+
+The bare loop is what a user writes by hand, in one process: decode a frame (OpenCV), convert to
+gray and letterbox it, run the detector, NMS, scale the boxes back. The pipeline is ``edgepipe
+run`` on the same file with the first-party stages (``file`` -> ``letterbox`` -> ``yolov5`` ->
+``nms`` -> ``jsonl``) in ``block`` mode, so it loses no frame. Both use the same weights (the
+untrained model built from seed 0), the same image size and the same detector backend, built
+and threaded the way the ``yolov5`` stage does it. Throughput is frames per second between the
+first and the last result (start-up and pipeline fill excluded), median over repeats; bare and
+pipeline alternate within each repeat, and the ratio pipeline / bare is the figure that counts
+(goal >= 1.0 on 2 cores, higher where decode, letterbox and NMS overlap inference).
+
+    python -m benchmarks.bench_pipeline [--smoke] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .common import (
+    DaemonRun,
+    Section,
+    load_average,
+    median,
+    mode_arguments,
+    output,
+    publish_times,
+    read_jsonl,
+    run_module,
+    steady_rate,
+    tempdir,
+    write_video,
+)
+
+CONF, IOU = 0.25, 0.45
+# (cfg, imgsz, backend, frames) per mode, on a video of VIDEO_SIZE[mode].
+CASES: Dict[str, List[Tuple[str, int, str, int]]] = {
+    "smoke": [("yolov5n", 64, "auto", 12)],
+    "full": [
+        ("yolov5n", 320, "auto", 300),
+        ("yolov5n", 320, "torch", 150),
+        ("yolov5s-r5.0", 640, "auto", 60),
+    ],
+}
+VIDEO_SIZE = {"smoke": (160, 120), "full": (640, 480)}
+
+
+def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Dict[str, Any]:
+    """The hand-written loop (run in a fresh interpreter); frames per second and the backend."""
+    from edgepipe.yolo.backends import prepare_process
+
+    prepare_process()  # as the yolov5 stage does, before torch loads
+    import cv2
+    import numpy as np
+    import torch
+
+    from edgepipe.yolo.backends import create_backend
+    from edgepipe.yolo.model import build_model
+    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes, to_gray
+
+    torch.manual_seed(0)  # the stage's weights: null, seed: 0
+    model = build_model(cfg, ch=1).fuse().eval()
+    detector = create_backend(backend, model, (imgsz, imgsz))
+    warm = np.zeros((1, imgsz, imgsz), np.uint8)
+    for _ in range(2):  # the stage's warm-up
+        detector.candidates(warm, CONF)
+    cap = cv2.VideoCapture(video)
+    done: List[float] = []
+    boxes = 0
+    while len(done) < frames:
+        ok, image = cap.read()
+        if not ok:
+            break
+        gray = to_gray(image)
+        lb, ratio, pad = letterbox(gray, imgsz)
+        rows, _counts = detector.candidates(lb[None], CONF)
+        det = nms_candidates(rows, CONF, IOU)
+        if len(det):
+            scale_boxes(lb.shape, det, gray.shape, ratio_pad=(ratio, pad))
+        boxes += len(det)
+        done.append(time.time())
+    cap.release()
+    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "backend": detector.name}
+
+
+def pipeline_config(video: str, out: str, cfg: str, imgsz: int, backend: str) -> Dict[str, Any]:
+    return {
+        "name": "bench-throughput",
+        "stages": {
+            "video": {"type": "file", "path": video},
+            "prep": {"type": "letterbox", "inputs": ["video"], "imgsz": imgsz},
+            "detector": {
+                "type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": cfg, "seed": 0,
+                "device": "cpu", "imgsz": imgsz, "conf_thres": CONF, "backend": backend,
+            },
+            "post": {"type": "nms", "inputs": ["detector"], "conf_thres": CONF, "iou_thres": IOU},
+            "out": {"type": "jsonl", "inputs": ["post"], "path": out},
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+        "runtime": {"status_interval": 3600},
+    }
+
+
+def pipeline_run(video: str, workdir: Path, cfg: str, imgsz: int, backend: str, frames: int) -> Dict[str, Any]:
+    """``edgepipe run`` over the whole file; frames per second from the publish times."""
+    out = workdir / "out.jsonl"
+    with DaemonRun(pipeline_config(video, str(out), cfg, imgsz, backend), workdir) as daemon:
+        daemon.wait_ready()
+        daemon.wait_exit(timeout=60 + frames * 5.0)
+        used = "torch" if "backend torch" in daemon.log else "onnxruntime" if "backend onnxruntime" in daemon.log else "?"
+    messages = read_jsonl(out)
+    if len(messages) != frames:
+        raise RuntimeError(f"the pipeline published {len(messages)} of {frames} frames in block mode")
+    boxes = sum(len(m["detections"]) for m in messages)
+    return {"fps": steady_rate(sorted(publish_times(messages))), "frames": len(messages), "boxes": boxes, "backend": used}
+
+
+def run(smoke: bool = False, repeats: Optional[int] = None) -> Section:
+    mode = "smoke" if smoke else "full"
+    repeats = repeats or (1 if smoke else 3)
+    width, height = VIDEO_SIZE[mode]
+    figures: Dict[str, float] = {}
+    cases = []
+    loads = [load_average()]
+    with tempdir("ep-tp-") as tmp:
+        videos: Dict[int, str] = {}  # frames -> file: the pipeline plays a file to its end
+        for cfg, imgsz, backend, frames in CASES[mode]:
+            if frames not in videos:
+                videos[frames] = str(write_video(Path(tmp) / f"scenes{frames}.mp4", width, height, frames))
+            video = videos[frames]
+            bare: List[float] = []
+            pipe: List[float] = []
+            for r in range(repeats):
+                b = run_module("bench_pipeline", ["--bare", video, cfg, str(imgsz), backend, str(frames)])
+                p = pipeline_run(video, Path(tmp) / f"run{r}-{cfg}-{imgsz}-{backend}", cfg, imgsz, backend, frames)
+                if b["backend"] != p["backend"]:
+                    raise RuntimeError(f"bare loop ran {b['backend']} but the pipeline {p['backend']}")
+                boxes = (b["boxes"], p["boxes"])  # equal up to batching's rounding at thresholds
+                bare.append(b["fps"])
+                pipe.append(p["fps"])
+                loads.append(load_average())
+            key = f"{cfg}_{imgsz}_{backend}"
+            figures[f"{key}_bare_fps"] = round(median(bare), 3)
+            figures[f"{key}_pipeline_fps"] = round(median(pipe), 3)
+            figures[f"{key}_pipeline_per_bare"] = round(median(pipe) / median(bare), 3)
+            cases.append({"key": key, "cfg": cfg, "imgsz": imgsz, "backend": backend,
+                          "resolved_backend": b["backend"], "frames": frames,
+                          "boxes_bare_pipeline": list(boxes)})
+    return {
+        "setup": {
+            "what": "frames/s over one video file: bare single-process loop vs edgepipe run (block mode)",
+            "video": f"{width}x{height} mp4v",
+            "cases": cases,
+            "repeats": repeats,
+            "load_average_1min": loads,
+            "goal": "pipeline_per_bare >= 1.0",
+        },
+        "figures": figures,
+    }
+
+
+# ----------------------------------------------------------------------- several sources, batched
+
+
+def bare_batched(sources: int, per_source: int, width: int, height: int, cfg: str, imgsz: int,
+                 batch: int, device: str, backend: str) -> Dict[str, Any]:
+    """The hand-written loop over ``sources`` synthetic scenes in turn, ``batch`` frames per
+    forward pass (run in a fresh interpreter); frames per second after the first batch."""
+    from edgepipe.yolo.backends import prepare_process
+
+    prepare_process()
+    import numpy as np
+    import torch
+
+    from edgepipe.scenes import SceneStream
+    from edgepipe.yolo.backends import create_backend
+    from edgepipe.yolo.model import build_model
+    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes
+
+    torch.manual_seed(0)
+    model = build_model(cfg, ch=1).fuse().eval().to(device)
+    if device.startswith("cuda"):
+        model = model.half()
+    detector = create_backend(backend, model, (imgsz, imgsz))
+    for _ in range(2):
+        detector.candidates(np.zeros((batch, imgsz, imgsz), np.uint8), CONF)
+    scenes = [SceneStream(width, height, seed=i) for i in range(sources)]
+    order = [scenes[i % sources] for i in range(sources * per_source)]
+    done, t_first = 0, 0.0
+    for start in range(0, len(order), batch):
+        letterboxed = [letterbox(s.next()[0], imgsz, auto=False) for s in order[start : start + batch]]
+        rows, counts = detector.candidates(np.stack([lb[0] for lb in letterboxed]), CONF)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        for j, (img, ratio, pad) in enumerate(letterboxed):
+            det = nms_candidates(rows[offsets[j] : offsets[j + 1]], CONF, IOU)
+            if len(det):
+                scale_boxes(img.shape, det, (height, width), ratio_pad=(ratio, pad))
+        if start == 0:
+            t_first = time.time()
+        else:
+            done += len(letterboxed)
+    return {"fps": done / (time.time() - t_first), "frames": len(order), "backend": detector.name}
+
+
+def multi_source_config(out: str, sources: int, per_source: int, width: int, height: int, cfg: str,
+                        imgsz: int, batch: int, device: str, backend: str) -> Dict[str, Any]:
+    stages: Dict[str, Any] = {
+        f"cam{i}": {"type": "synthetic", "width": width, "height": height, "fps": None,
+                    "count": per_source, "seed": i}
+        for i in range(sources)
+    }
+    stages.update({
+        # auto: false pads every frame to imgsz: one shape, so frames of all sources batch together
+        "prep": {"type": "letterbox", "inputs": sorted(stages), "imgsz": imgsz, "auto": False},
+        "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": cfg, "seed": 0,
+                     "device": device, "imgsz": imgsz, "conf_thres": CONF, "backend": backend,
+                     "max_batch": batch, "max_wait_ms": 5.0},
+        "post": {"type": "nms", "inputs": ["detector"], "conf_thres": CONF, "iou_thres": IOU},
+        "out": {"type": "jsonl", "inputs": ["post"], "path": out},
+    })
+    return {"name": "bench-batching", "stages": stages, "metrics": {"listen": "127.0.0.1:0"},
+            "runtime": {"status_interval": 3600}}
+
+
+def multi_source_run(workdir: Path, sources: int, per_source: int, width: int, height: int, cfg: str,
+                     imgsz: int, batch: int, device: str, backend: str) -> Dict[str, Any]:
+    """``sources`` finite synthetic sources into one batching detector; frames per second."""
+    out = workdir / "out.jsonl"
+    config = multi_source_config(str(out), sources, per_source, width, height, cfg, imgsz, batch, device, backend)
+    with DaemonRun(config, workdir) as daemon:
+        daemon.wait_ready()
+        daemon.wait_exit(timeout=60 + sources * per_source * 5.0)
+    messages = read_jsonl(out)
+    if len(messages) != sources * per_source:
+        raise RuntimeError(f"the pipeline published {len(messages)} of {sources * per_source} frames")
+    return {"fps": steady_rate(sorted(publish_times(messages))), "frames": len(messages)}
+
+
+# (sources, frames per source, frame w, h, cfg, imgsz, batch) per mode, on the CPU.
+BATCH_CASES = {
+    "smoke": [(3, 8, 160, 120, "yolov5n", 64, 4)],
+    "full": [(3, 60, 640, 480, "yolov5n", 320, 4)],
+}
+
+
+def batching(smoke: bool = False, device: str = "cpu", backend: str = "auto",
+             cases: Optional[Sequence[Tuple[int, int, int, int, str, int, int]]] = None,
+             repeats: Optional[int] = None) -> Section:
+    """Several sources into one detector vs the bare loop at the same batch size."""
+    cases = cases or BATCH_CASES["smoke" if smoke else "full"]
+    repeats = repeats or (1 if smoke else 3)
+    figures: Dict[str, float] = {}
+    keys = []
+    with tempdir("ep-batch-") as tmp:
+        for n, per, w, h, cfg, imgsz, batch in cases:
+            bare: List[float] = []
+            pipe: List[float] = []
+            for r in range(repeats):
+                args = [str(v) for v in (n, per, w, h, cfg, imgsz, batch, device, backend)]
+                bare.append(run_module("bench_pipeline", ["--bare-batched", *args])["fps"])
+                workdir = Path(tmp) / f"run{r}-{n}-{cfg}-{imgsz}-{batch}"
+                pipe.append(multi_source_run(workdir, n, per, w, h, cfg, imgsz, batch, device, backend)["fps"])
+            key = f"{n}src_{cfg}_{imgsz}_b{batch}"
+            figures[f"{key}_bare_fps"] = round(median(bare), 3)
+            figures[f"{key}_pipeline_fps"] = round(median(pipe), 3)
+            figures[f"{key}_pipeline_per_bare"] = round(median(pipe) / median(bare), 3)
+            keys.append(key)
+    return {
+        "setup": {
+            "what": "N finite synthetic sources into one batching detector vs a bare loop batching the same frames",
+            "device": device, "backend": backend, "cases": keys, "repeats": repeats,
+        },
+        "figures": figures,
+    }
+
+
+def table(section: Section) -> List[str]:
+    f = section["figures"]
+    lines = [f"{'case':>28}  {'backend':>11}  {'bare fps':>9}  {'pipeline fps':>12}  {'pipeline/bare':>13}"]
+    for case in section["setup"]["cases"]:
+        k = case["key"]
+        lines.append(
+            f"{k:>28}  {case['resolved_backend']:>11}  {f[k + '_bare_fps']:>9.2f}  {f[k + '_pipeline_fps']:>12.2f}  "
+            f"{f[k + '_pipeline_per_bare']:>13.3f}"
+        )
+    return lines
+
+
+def table_batching(section: Section) -> List[str]:
+    f = section["figures"]
+    lines = [f"{'case':>28}  {'bare fps':>9}  {'pipeline fps':>12}  {'pipeline/bare':>13}"]
+    for k in section["setup"]["cases"]:
+        lines.append(f"{k:>28}  {f[k + '_bare_fps']:>9.2f}  {f[k + '_pipeline_fps']:>12.2f}  {f[k + '_pipeline_per_bare']:>13.3f}")
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode_arguments(parser, long=False)
+    parser.add_argument("--repeats", type=int, default=None, help="repeats per case (default 3, smoke 1)")
+    parser.add_argument("--bare", nargs=5, metavar=("VIDEO", "CFG", "IMGSZ", "BACKEND", "FRAMES"),
+                        help=argparse.SUPPRESS)  # the bare loop's own interpreter
+    parser.add_argument("--bare-batched", nargs=9, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare_batched:
+        n, per, w, h, cfg, imgsz, batch, device, backend = args.bare_batched
+        print(json.dumps(bare_batched(int(n), int(per), int(w), int(h), cfg, int(imgsz), int(batch), device, backend)))
+        return 0
+    if args.bare:
+        video, cfg, imgsz, backend, frames = args.bare
+        print(json.dumps(bare_loop(video, cfg, int(imgsz), backend, int(frames))))
+        return 0
+    return output(run(args.smoke, args.repeats), table, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
