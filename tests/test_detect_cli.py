@@ -7,6 +7,7 @@ detections are checked against the Python API run in the test on the same file."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,12 @@ OBJ_BIAS = -3.0
 
 
 def run_detect(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    # One torch thread on both sides of every CLI-vs-API comparison: a different thread count
+    # changes fp32 summation order, and so the last digits the messages carry.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "edgepipe", "detect", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, env=env,
     )
     if check:
         assert proc.returncode == 0, proc.stderr
@@ -94,8 +98,13 @@ def api_detections(weights: Path, img: np.ndarray, conf: float = 0.25) -> np.nda
     gray = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
     lb, ratio, pad = letterbox(gray, IMGSZ, stride=32)
     x = torch.from_numpy(lb)[None, None].float() / 255
-    with torch.no_grad():
-        det = non_max_suppression(model(x), conf, 0.45)[0].numpy()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI runs (see run_detect)
+    try:
+        with torch.no_grad():
+            det = non_max_suppression(model(x), conf, 0.45)[0].numpy()
+    finally:
+        torch.set_num_threads(threads)
     return scale_boxes(lb.shape, det, gray.shape, ratio_pad=(ratio, pad))
 
 
