@@ -51,6 +51,7 @@ def test_a_file_deleted_while_read_is_still_read_to_the_end_exactly_once(tmp_pat
             sink.resume()
             assert d.wait(60) == 0, d.log
             d.assert_no_leftovers()
+        assert sink.wait_end(), "no end marker after the daemon finished"
         assert sink.ids() == list(range(60))
     finally:
         sink.close()

@@ -120,6 +120,7 @@ def test_block_loses_nothing_and_holds_memory_while_the_reader_stalls(tmp_path: 
             sink.resume()
             assert d.wait(120) == 0, d.log
             d.assert_no_leftovers()
+        assert sink.wait_end(), "no end marker after the daemon finished"
         assert sink.ids() == list(range(n))  # every frame, once, in order
     finally:
         sink.close()

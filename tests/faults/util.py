@@ -110,6 +110,7 @@ class FrameSink:
         self._stop = threading.Event()
         self._reading = threading.Event()
         self._reading.set()
+        self.ended = threading.Event()  # the producer's end-of-stream marker arrived
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -121,6 +122,8 @@ class FrameSink:
             if isinstance(item, Frame):
                 with self._lock:
                     self.frames.append((time.time(), item.frame_id, item.timestamp))
+            else:
+                self.ended.set()
             if self.delay:
                 time.sleep(self.delay)
 
@@ -134,6 +137,11 @@ class FrameSink:
         """Frames captured after unix time ``t``."""
         with self._lock:
             return [f for f in self.frames if f[2] > t]
+
+    def wait_end(self, timeout: float = 30.0) -> bool:
+        """Wait until the end marker has been read: a daemon that exited may still have frames
+        on their way through the socket buffers, and this reader takes them one at a time."""
+        return self.ended.wait(timeout)
 
     def ids(self) -> List[int]:
         with self._lock:
