@@ -31,7 +31,7 @@ _COMMAND_MODULES = (
 )
 
 
-def fail(message: str, code: int = 1) -> "typer.Exit":
+def fail(message: str, code: int = 1) -> typer.Exit:
     """Print a one-line error to stderr and return the Exit to raise."""
     typer.echo(f"edgepipe: error: {message}", err=True)
     return typer.Exit(code)

@@ -309,8 +309,9 @@ def _effects(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
     out = np.clip(img + 0.5, 0, 255).astype(np.uint8)
     if rng.random() < 0.2:
         ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(35, 90))])
-        if ok:
-            out = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+        decoded = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+        if decoded is not None:
+            out = decoded.astype(np.uint8, copy=False)
     return out
 
 
