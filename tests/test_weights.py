@@ -506,3 +506,40 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(WeightsError, match="device '0' requested but CUDA is not available"):
             resolve_device("0")
+
+
+@pytest.mark.parametrize("key,value", [("width_multiple", 20.0), ("depth_multiple", 50.0)])
+def test_hostile_architecture_metadata_is_refused_before_allocating(tmp_path, key, value):
+    """A few bytes of metadata must not make the loader build a gigabyte model: refused at once
+    with one line naming the bound. (nc is taken from the Detect tensors' shapes, not trusted.)"""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from edgepipe.yolo import build_model
+    from edgepipe.yolo.weights import save_model
+
+    good = tmp_path / "good.safetensors"
+    save_model(build_model("yolov5n", ch=1, nc=2).eval(), good)
+    with safe_open(str(good), "pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    arch = json.loads(meta["arch"])
+    arch[key] = value
+    meta["arch"] = json.dumps(arch)
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    code = (
+        "import resource, sys\n"
+        "from edgepipe.yolo.weights import load_model, WeightsError\n"
+        "try:\n    load_model(sys.argv[1], device='cpu')\nexcept WeightsError as e:\n    print(e)\n"
+        "print('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "out of range" in lines[0] or "larger than edgepipe accepts" in lines[0], lines
+    assert int(lines[-1].split()[1]) < 1_500_000, "the loader allocated over 1.5 GB"

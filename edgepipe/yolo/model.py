@@ -63,6 +63,12 @@ SHIPPED: Dict[str, Tuple[str, Optional[str]]] = {
 DEFAULT_CFG = "yolov5s-r5.0"
 
 
+MAX_MULTIPLE = 4.0  # yolov5x is 1.33 / 1.25
+MAX_CLASSES = 10000
+MAX_CHANNELS = 4096  # yolov5x tops out at 1280
+MAX_WEIGHTS = 400_000_000  # estimate below; yolov5x estimates 183M (it has 87M weights)
+
+
 class ConfigError(ValueError):
     """A model config that cannot be built; the message names the layer or key at fault."""
 
@@ -309,6 +315,15 @@ def parse_model(d: Dict[str, Any], ch: int) -> Tuple[nn.Sequential, List[int]]:
     anchors = d["anchors"]
     gd = float(d.get("depth_multiple", 1.0))
     gw = float(d.get("width_multiple", 1.0))
+    # Architecture metadata comes from weights files, which may be hostile: bound the sizes so a
+    # few bytes of metadata cannot make us allocate gigabytes before the shape check refuses them.
+    if not (0 < gd <= MAX_MULTIPLE and 0 < gw <= MAX_MULTIPLE):
+        raise ConfigError(
+            f"model config depth_multiple {gd} / width_multiple {gw} out of range (0, {MAX_MULTIPLE}]"
+        )
+    if not 1 <= nc <= MAX_CLASSES:
+        raise ConfigError(f"model config nc {nc} out of range [1, {MAX_CLASSES}]")
+    budget = 0  # rough upper bound of the weights about to be allocated
     if isinstance(anchors, int):
         na = anchors
     elif isinstance(anchors, list) and anchors and all(isinstance(a, list) for a in anchors):
@@ -354,6 +369,14 @@ def parse_model(d: Dict[str, Any], ch: int) -> Tuple[nn.Sequential, List[int]]:
             c2 = 0
         else:
             c2 = in_chs[0]
+        if name in _CHANNEL_BLOCKS:
+            budget += int(args[0]) * int(args[1]) * 9 * max(int(n), 1) * (3 if name == "C3" else 1)
+            if budget > MAX_WEIGHTS or int(args[1]) > MAX_CHANNELS:
+                raise ConfigError(
+                    f"model config layer {i} ({name}): {args[1]} output channels make the model "
+                    f"larger than edgepipe accepts (at most {MAX_CHANNELS} channels, about "
+                    f"{MAX_WEIGHTS // 10**6}M weights)"
+                )
         ctor = MODULES[name]
         try:
             m = nn.Sequential(*(ctor(*args) for _ in range(n))) if n > 1 else ctor(*args)
