@@ -151,8 +151,9 @@ def run(smoke: bool = False) -> Section:
         cases.append(key)
     return {
         "setup": {
-            "what": "candidates(batch) of the yolov5 stage's backends, fp32 CPU, median ms; "
-            "ratios are speed-ups (higher: the first one named is faster)",
+            "what": "candidates(batch) of the yolov5 stage's backends as the stage calls them (on the "
+            "CPU a batch runs one image at a time), fp32, median ms; ratios are speed-ups (higher: "
+            "the first one named is faster)",
             "cases": cases,
             "threads": threads,
             "repeats": repeats,

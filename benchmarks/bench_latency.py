@@ -6,7 +6,8 @@ carries its capture time and its capture-to-publish latency, measured by the dae
 
 - ``latency``: the source at 10 fps, slower than the model. p50 and p99 of capture-to-publish
   against the model's own forward time (the ``yolov5`` stage's backend at batch 1, measured in
-  a separate process just before the daemon starts, so they do not compete); goals p50 <=
+  a separate process just before the daemon starts and just after it stops, so they do not
+  compete; the lower of the two counts); goals p50 <=
   forward + 10 ms and p99 <= 2 x p50; the drift is the least-squares slope of latency over the
   run, in ms per minute (goal: none upward over 5 minutes, ``--long``). Where the time goes:
   inside the processors' ``process()`` calls (the detector's alone, and all of them, from the
@@ -125,10 +126,12 @@ def run(mode: str = "full") -> Dict[str, Section]:
     sections: Dict[str, Section] = {}
     with tempdir("ep-live-") as tmp:
         cfg, imgsz, width, height, fps, seconds = plan["latency"]
-        forward = _forward_ms(cfg, imgsz, width, height, repeats)
+        forwards = [_forward_ms(cfg, imgsz, width, height, repeats)]
         load = [load_average()]
         live = live_run(Path(tmp) / "latency", cfg, imgsz, width, height, fps, seconds)
         load.append(load_average())
+        forwards.append(_forward_ms(cfg, imgsz, width, height, repeats))
+        forward = min(forwards)  # the model's own time where the shared machine let it run best
         lat = live["latency_ms"]
         p50, p99 = percentile(lat, 50), percentile(lat, 99)
         between = [a - b for a, b in zip(lat, live["in_stages_ms"])]
@@ -137,6 +140,7 @@ def run(mode: str = "full") -> Dict[str, Section]:
                 "what": "capture-to-publish of a live source slower than the model, vs the model's forward",
                 "model": cfg, "imgsz": imgsz, "frame": f"{width}x{height}", "source_fps": fps,
                 "seconds": seconds, "frames": live["published"], "load_average_1min": load,
+                "forward_ms_before_after": [round(f, 3) for f in forwards],
                 "goals": "p50 <= forward + 10 ms; p99 <= 2 x p50; no upward drift",
             },
             "figures": {

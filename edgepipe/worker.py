@@ -82,6 +82,7 @@ class StageRunner:
         self.outputs: List[Output] = []
         self.pending: List[Frame] = []
         self.pending_since = 0.0
+        self.sources: Set[str] = set()  # every source whose frames reached this stage
         # For /healthz: since when (unix time) input has been waiting here (0: idle), and
         # whether the stage is waiting for room on a downstream link (then it is not the stall).
         self.work_since = 0.0
@@ -103,6 +104,7 @@ class StageRunner:
         """Queue received frames; under 'latest' a newer frame replaces a pending one of the
         same source (counted as skipped), so the pending list stays one frame per source."""
         for f in frames:
+            self.sources.add(f.source)
             if self.policy == "latest":
                 before = len(self.pending)
                 self.pending = [p for p in self.pending if p.source != f.source]
@@ -404,6 +406,8 @@ class Worker:
                 or len(r.pending) >= r.max_batch
                 or time.monotonic() - r.pending_since >= r.max_wait
                 or r.upstream_ended
+                # 'latest' holds one frame per source: with every source in, none can join.
+                or (r.policy == "latest" and len(r.pending) >= len(r.sources))
             )
             if not due:
                 break

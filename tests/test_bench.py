@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import zmq
+from helpers.daemon import Daemon, read_jsonl
 
 from edgepipe.messages import Frame, encode
 from edgepipe.metrics import StageMetrics
@@ -135,6 +136,31 @@ def test_latest_link_never_drops_a_frame_it_has_room_for(tmp_path):
         ctx.term()
     assert metrics.dropped.labels("queue_full").value == 0
     assert received == list(range(200))
+
+
+def test_a_live_frame_does_not_wait_for_a_batch_that_cannot_fill(tmp_path):
+    """Behind a 'latest' link a batch holds one frame per source: with one camera the detector
+    must not sit out max_wait_ms for frames that cannot come. Before, it waited on every frame
+    (2 ms by default), and with max_wait_ms longer than the frame period each new frame replaced
+    the waiting one and restarted the wait, so nothing ever got through."""
+    out = tmp_path / "out.jsonl"
+    config = {
+        "name": "nowait",
+        "stages": {
+            "cam": {"type": "synthetic", "width": 96, "height": 64, "fps": 10},
+            "prep": {"type": "letterbox", "inputs": ["cam"], "imgsz": 64},
+            "det": {"type": "yolov5", "inputs": ["prep"], "cfg": "yolov5n", "device": "cpu", "imgsz": 64,
+                    "threads": 1, "max_batch": 8, "max_wait_ms": 1000},
+            "post": {"type": "nms", "inputs": ["det"]},
+            "out": {"type": "jsonl", "inputs": ["post"], "path": str(out)},
+        },
+    }
+    with Daemon(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        daemon.wait_until(lambda: len(read_jsonl(out)) >= 12, timeout=60, message="12 published frames")
+        assert daemon.stop() == 0
+    latencies = [m["timing"]["latency"] for m in read_jsonl(out)[2:]]  # after the warm-up
+    assert max(latencies) < 1.0, latencies  # every frame would have waited the full second
 
 
 def test_gpu_timing_code_runs_on_the_cpu():
