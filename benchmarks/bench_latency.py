@@ -50,8 +50,8 @@ CONF = 0.25
 # overload run.
 PLANS: Dict[str, Dict[str, Tuple[str, int, int, int, float, float]]] = {
     "smoke": {"latency": ("yolov5n", 64, 160, 120, 10.0, 4.0), "overload": ("yolov5n", 64, 160, 120, 200.0, 3.0)},
-    "full": {"latency": ("yolov5n", 320, 640, 480, 10.0, 60.0), "overload": ("yolov5s-r5.0", 640, 640, 480, 30.0, 30.0)},
-    "long": {"latency": ("yolov5n", 320, 640, 480, 10.0, 600.0), "overload": ("yolov5s-r5.0", 640, 640, 480, 30.0, 120.0)},
+    "full": {"latency": ("yolov5n", 320, 640, 480, 10.0, 60.0), "overload": ("yolov5s-r5.0", 640, 640, 480, 60.0, 30.0)},
+    "long": {"latency": ("yolov5n", 320, 640, 480, 10.0, 600.0), "overload": ("yolov5s-r5.0", 640, 640, 480, 60.0, 120.0)},
 }
 MEMORY_SAMPLE_S = 5.0
 
