@@ -11,9 +11,10 @@ by ZeroMQ itself (the sender is disconnected) without disturbing the worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from typing import List
+from typing import Iterator, List
 
 import msgpack
 import numpy as np
@@ -69,14 +70,21 @@ def daemon(tmp_path_factory):
     os.rmdir(config["runtime"]["dir"])
 
 
-def push(d: Daemon, stage: str, messages: List[List[bytes]]) -> None:
+@contextlib.contextmanager
+def push(d: Daemon, stage: str, messages: List[List[bytes]]) -> Iterator[None]:
+    """Send ``messages`` into ``stage``'s input and keep the connection open while the caller
+    waits: ZeroMQ discards what the receiver has not taken yet (its small high-water mark holds
+    the rest in the kernel buffer) once the sending side disconnects, whatever the linger."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
     sock.connect(f"ipc://{d.rundir}/{stage}.in")
-    for parts in messages:
-        sock.send_multipart(parts)
-    sock.close(linger=5000)
-    ctx.term()
+    try:
+        for parts in messages:
+            sock.send_multipart(parts)
+        yield
+    finally:
+        sock.close(linger=0)
+        ctx.term()
 
 
 def errors(d: Daemon, stage: str) -> tuple:
@@ -100,10 +108,14 @@ def test_injected_messages_are_dropped_counted_and_the_worker_lives(daemon: Daem
     pid = daemon.worker_pids()[stage]
     decode0, process0, dropped0 = errors(daemon, stage)
     bad = undecodable()
-    push(daemon, stage, list(bad.values()) + [unusable])
     n = len(bad)
-    daemon.wait_until(lambda: errors(daemon, stage) == (decode0 + n, process0 + 1, dropped0 + n + 1), 30,
-                      f"{n} decode errors and 1 process error counted at {stage}")
+    want = (decode0 + n, process0 + 1, dropped0 + n + 1)
+    with push(daemon, stage, list(bad.values()) + [unusable]):
+        try:
+            daemon.wait_until(lambda: errors(daemon, stage) == want, 30,
+                              f"{n} decode errors and 1 process error counted at {stage}")
+        except AssertionError as exc:
+            raise AssertionError(f"(decode, process, dropped) {errors(daemon, stage)}, wanted {want}: {exc}") from None
     assert daemon.worker_pids()[stage] == pid
     before = len(jsonl(daemon.out))
     daemon.wait_until(lambda: len(jsonl(daemon.out)) >= before + 5, 30, "detections keep coming")
