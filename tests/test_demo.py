@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -19,18 +18,13 @@ from typing import Any, Dict, List
 import cv2
 import yaml
 from helpers.daemon import Daemon, Subscriber, read_jsonl
+from helpers.net import free_port
 
 from edgepipe.scenes import CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo.yaml"
 FRAMES = 50  # 5 s at the demo's 10 fps
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def clean_env() -> Dict[str, str]:

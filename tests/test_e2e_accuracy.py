@@ -16,7 +16,6 @@ says whether the pipeline or the model is at fault.
 
 from __future__ import annotations
 
-import socket
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
@@ -24,6 +23,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pytest
 from helpers.daemon import Daemon, Subscriber
+from helpers.net import free_port
 
 from edgepipe.scenes import CLASSES, SceneStream
 from tools.metrics import DetectionStats
@@ -38,12 +38,6 @@ SOURCES: Dict[str, Tuple[int, int, int]] = {  # name: (width, height, seed)
     "portrait": (720, 1280, 4343),
 }
 CONF_THRES, IOU_THRES, MAX_DET = 0.001, 0.6, 300  # the usual settings for measuring mAP
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def truth_frames(name: str) -> List[Tuple[np.ndarray, np.ndarray]]:

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterator, List
 
 import pytest
 from helpers.daemon import Daemon
-from helpers.prometheus import free_port
+from helpers.net import free_port
 
 from edgepipe.client import DetectionMessage, detections_schema
 from edgepipe.messages import DETECTIONS_SCHEMA

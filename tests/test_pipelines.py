@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,15 +18,10 @@ import cv2
 import numpy as np
 import yaml
 from helpers.daemon import Daemon, Subscriber, read_jsonl
+from helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DETECTOR = {"type": "yolov5", "weights": None, "cfg": "yolov5n", "device": "cpu", "threads": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def by_source(records: List[Dict[str, Any]]) -> Dict[str, List[int]]:

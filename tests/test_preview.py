@@ -20,6 +20,7 @@ import pytest
 import yaml
 from edgepipe_plugins.sinks.preview import PreviewConfig, PreviewSink
 from helpers.browser import Browser
+from helpers.net import free_port
 from helpers.pixels import colour_mask, edge_colour_ratio, read_video
 
 from edgepipe.draw import color
@@ -322,13 +323,6 @@ def test_defaults_and_sample(repo: Path) -> None:
         PreviewConfig(port=70000)
 
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_known_detections_through_a_daemon(tmp_path: Path) -> None:
     """Frames with known detections pushed into `edgepipe run` over the frame wire format
     (zmq source -> preview + video): the page in Chromium and the recorded file both show the
@@ -338,7 +332,7 @@ def test_known_detections_through_a_daemon(tmp_path: Path) -> None:
 
     from edgepipe.messages import encode, encode_eos
 
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = {
         "name": "preview-wire",
         "stages": {

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import pytest
 import zmq
+from helpers.net import free_port
 from pydantic import ValidationError
 from zmq.auth import load_certificate
 from zmq.utils.monitor import recv_monitor_message
@@ -385,7 +386,7 @@ def test_frame_link_over_curve_admits_only_allowed_senders(keys: Path):
     from edgepipe.messages import Frame
     from edgepipe.stage import EndOfStream, StageContext
 
-    port = _free_port()
+    port = free_port()
     receiver = ZmqSource(
         ZmqConfig(bind=f"tcp://0.0.0.0:{port}", stop_on_eos=True, live=False,
                   curve=server_curve(keys)),
@@ -427,11 +428,3 @@ def test_frame_link_over_curve_admits_only_allowed_senders(keys: Path):
     # The stranger never completed a handshake: its frames queued, then timed out.
     assert stranger.metrics.published.value <= 1
     assert stranger.metrics.dropped.labels("queue_full").value >= 4
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

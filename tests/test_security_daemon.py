@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import subprocess
 import sys
 import urllib.error
@@ -17,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 import yaml
 from helpers.daemon import Daemon
+from helpers.net import free_port
 
 from edgepipe.client import subscribe
 from edgepipe.metrics import iter_samples
@@ -25,12 +25,6 @@ from edgepipe.security import CurveConfig, generate_keys
 pytestmark = pytest.mark.slow
 
 DETECTOR = {"type": "yolov5", "weights": None, "cfg": "yolov5n", "device": "cpu", "threads": 1}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def edgepipe(*args: str, timeout: float = 120) -> subprocess.Popen:

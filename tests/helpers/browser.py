@@ -17,7 +17,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from typing import Any, Dict, Optional
 
 import cv2
 import numpy as np
+
+from .net import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -49,12 +50,6 @@ class BrowserError(RuntimeError):
     """The browser or driver is missing, failed to start, or a WebDriver command failed."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Browser:
     """One headless Chromium session; use as a context manager so everything is ended."""
 
@@ -64,7 +59,7 @@ class Browser:
                 raise BrowserError(f"{path} not found: install the Debian package {pkg!r}")
         self.timeout = timeout
         self.profile = tempfile.mkdtemp(prefix="edgepipe-chromium-")
-        self.port = _free_port()
+        self.port = free_port()
         self.log = open(os.path.join(self.profile, "chromedriver.log"), "wb")  # noqa: SIM115
         self.driver: Optional[subprocess.Popen] = subprocess.Popen(
             [CHROMEDRIVER, f"--port={self.port}", "--allowed-ips=127.0.0.1"],

@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import pytest
 import yaml
 
+from .net import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -37,12 +39,6 @@ def small_synthetic_config(imgsz: int = 64, **stage_settings: Any) -> Dict[str, 
         stage.update(stage_settings)
     config["metrics"] = {"listen": "127.0.0.1:0"}
     return config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_prometheus() -> str:
