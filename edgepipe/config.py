@@ -160,16 +160,12 @@ class Pipeline:
         """Stages that list ``name`` among their inputs, in config order."""
         return [n for n, s in self.stages.items() if name in s.inputs]
 
+    def upstream(self, name: str) -> Set[str]:
+        """Every stage ``name`` takes input from, directly or through others."""
+        return _upstream(self, name)
+
     def upstream_sources(self, name: str) -> Set[str]:
-        seen: Set[str] = set()
-        todo = [name]
-        while todo:
-            n = todo.pop()
-            for i in self.stages[n].inputs:
-                if i not in seen:
-                    seen.add(i)
-                    todo.append(i)
-        return {n for n in seen if self.kind(n) == "source"}
+        return {n for n in self.upstream(name) if self.kind(n) == "source"}
 
     def flow_order(self) -> List[str]:
         """Stage names with every stage after its inputs (config order otherwise)."""
@@ -339,6 +335,9 @@ def parse_config(
     errors += check_graph(pipeline)
     if errors:
         raise ConfigError(errors)
+    errors += check_upstream(pipeline)
+    if errors:
+        raise ConfigError(errors)
     carry_originals(pipeline)
     return pipeline
 
@@ -432,6 +431,31 @@ def check_graph(p: Pipeline) -> List[str]:
             policy = "latest" if live else "block"
         p.policies[name] = policy or "block"
     return errors
+
+
+def check_upstream(p: Pipeline) -> List[str]:
+    """Each stage's :meth:`Stage.check_upstream` against the stages it takes input from."""
+    errors: List[str] = []
+    order = p.flow_order()
+    for name in order:
+        above = p.upstream(name)
+        upstream = {n: p.instances[n] for n in order if n in above}
+        try:
+            p.instances[name].check_upstream(upstream)
+        except ValueError as exc:
+            errors.append(f"stages.{name}: {' '.join(str(exc).split())}")
+    return errors
+
+
+def _upstream(p: Pipeline, name: str) -> Set[str]:
+    seen: Set[str] = set()
+    todo = list(p.stages[name].inputs)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(p.stages[n].inputs)
+    return seen
 
 
 def _is_live(stage: Stage) -> bool:

@@ -5,7 +5,7 @@ A frame crosses a process boundary as one ZeroMQ multipart message::
     [header, payload_0, payload_1, ...]
 
 ``header`` is msgpack: ``{"v": 1, "source", "frame_id", "timestamp", "width", "height", "ratio",
-"pad", "names", "timing", "meta", "arrays": [[field, dtype, shape], ...]}``; each payload is the
+"pad", "names", "timing", "meta", "events", "arrays": [[field, dtype, shape], ...]}``; each payload is the
 raw C-contiguous bytes of one ndarray, sent without copying and received as a read-only view of
 the ZeroMQ buffer (no copy either). An end-of-stream marker is a single part header
 ``{"v": 1, "eos": true, "source": ...}``.
@@ -74,6 +74,9 @@ class Frame:
     names: Optional[List[str]] = None  # class names of the model that produced candidates
     timing: Dict[str, float] = field(default_factory=dict)  # stage name -> seconds spent on it
     meta: Dict[str, Any] = field(default_factory=dict)  # json-able extras: file, truth, ...
+    # Event messages raised while this frame passed (json-able maps, each a whole message for the
+    # ``events/<source>`` topic); sinks that publish events send them, others ignore them.
+    events: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.image is not None and not self.width:
@@ -99,7 +102,7 @@ def encode(frame: Frame) -> List[Any]:
             arr = np.ascontiguousarray(arr)
         arrays.append([name, arr.dtype.name, list(arr.shape)])
         parts.append(memoryview(arr).cast("B") if arr.size else b"")
-    header = {
+    header: Dict[str, Any] = {
         "v": WIRE_VERSION,
         "source": frame.source,
         "frame_id": int(frame.frame_id),
@@ -113,6 +116,8 @@ def encode(frame: Frame) -> List[Any]:
         "meta": frame.meta,
         "arrays": arrays,
     }
+    if frame.events:
+        header["events"] = frame.events
     parts[0] = msgpack.packb(header, use_bin_type=True)
     return parts
 
@@ -182,6 +187,9 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
     meta = header.get("meta") or {}
     if not isinstance(timing, dict) or not isinstance(meta, dict):
         raise MessageError("header 'timing' and 'meta' must be maps")
+    events = header.get("events") or []
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise MessageError("header 'events' must be a list of maps")
     specs = header.get("arrays")
     if not isinstance(specs, list):
         raise MessageError("header 'arrays' must be a list")
@@ -224,6 +232,7 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         names=names,
         timing={str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))},
         meta=meta,
+        events=events,
         **arrays,
     )
 

@@ -37,7 +37,7 @@ import msgpack
 import zmq
 
 from edgepipe.messages import EndMarker, Frame, encode
-from edgepipe.metrics import StageMetrics
+from edgepipe.metrics import MetricsError, StageMetrics
 from edgepipe.registry import Registry
 from edgepipe.runtime import PositionFile, configure_logging
 from edgepipe.stage import EndOfStream, Processor, Source, Stage, StageContext, StageError
@@ -258,9 +258,10 @@ class Worker:
             settings = self.registry.plugins[spec["type"]].settings_model().model_validate(
                 spec["settings"]
             )
-            metrics = StageMetrics(spec["name"], cls.kind, bool(spec.get("detector")))
+            metrics = StageMetrics(spec["name"], cls.kind)
             context = StageContext(
-                spec["name"], metrics, self.plan.get("runtime_dir"), int(spec.get("resume") or 0)
+                spec["name"], metrics, self.plan.get("runtime_dir"), int(spec.get("resume") or 0),
+                pipeline=str(self.plan.get("pipeline") or "edgepipe"),
             )
             self.runners.append(StageRunner(spec, cls(settings, context)))
 
@@ -437,6 +438,8 @@ class Worker:
         m.processing_seconds.observe(dt)
         m.busy_seconds.inc(dt)
         m.last_progress.set(time.time())
+        if not isinstance(r.stage, Processor):
+            m.detections_seen.inc(sum(0 if f.detections is None else len(f.detections) for f in batch))
         if out and isinstance(r.stage, Processor):
             for f in out:
                 f.timing[r.name] = f.timing.get(r.name, 0.0) + dt / max(1, len(batch))
@@ -507,7 +510,7 @@ class Worker:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, StageError):
+    if not isinstance(exc, (StageError, MetricsError)):  # those name what failed themselves
         text = f"{type(exc).__name__}: {text}"
     return text
 
@@ -556,7 +559,9 @@ def main() -> int:
         worker.failed("Failed to start", exc)
         worker.control.close(linger=1000)
         return EXIT_START_FAILED
-    worker.send("READY", {"pid": os.getpid()})
+    # The series each stage declared, for the supervisor to refuse clashes between stages.
+    series = {r.name: [s.spec() for s in r.metrics.series.values()] for r in worker.runners}
+    worker.send("READY", {"pid": os.getpid(), "series": series})
     worker.heartbeat()
     code = EXIT_FINISHED
     try:

@@ -319,3 +319,25 @@ def test_validate_is_static_and_never_imports_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+class NeedsNms(Sink):
+    """A sink that only works behind an nms stage (a stage-specific cross-check)."""
+
+    def check_upstream(self, upstream):
+        if not any(isinstance(s, Nms) for s in upstream.values()):
+            raise ValueError(f"needs an nms stage before it; upstream: {', '.join(upstream)}")
+        assert list(upstream) == ["cam", "lb", "detector", "post"]  # data-flow order
+
+    def process(self, frames: List[Frame]) -> None:
+        pass
+
+
+def test_a_stage_cross_checks_its_upstream_statically():
+    registry = Registry.from_classes({**{n: p.load() for n, p in REGISTRY.plugins.items()}, "needs_nms": NeedsNms})
+    ok = chain(pub={"type": "needs_nms", "inputs": ["post"]})
+    assert "pub" in parse_config(ok, registry, {}).stages
+    bad = chain(pub={"type": "needs_nms", "inputs": ["detector"]}, post=None)
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, registry, {})
+    assert info.value.errors == ["stages.pub: needs an nms stage before it; upstream: cam, lb, detector"]

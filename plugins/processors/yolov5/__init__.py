@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from edgepipe.messages import Frame
+from edgepipe.metrics import BATCH_BUCKETS, PROCESSING_BUCKETS
 from edgepipe.stage import Processor, StageConfig, StageError
 from edgepipe.yolo.builtin import WeightsRef
 
@@ -129,6 +130,23 @@ class YoloV5Stage(Processor):
     def __init__(self, config: YoloV5Config, context):
         super().__init__(config, context)
         self._imgsz = parse_imgsz(config.imgsz)
+        m = self.metrics
+        self.batch_size = m.histogram(
+            "edgepipe_detector_batch_size", "Frames per inference batch.", BATCH_BUCKETS
+        )
+        self.inference_seconds = m.histogram(
+            "edgepipe_detector_inference_seconds", "Time spent in one forward pass.", PROCESSING_BUCKETS
+        )
+        self.info = m.gauge(
+            "edgepipe_detector_info",
+            "The detector's device, precision, backend and model (always 1).",
+            labels=("device", "precision", "backend", "model"),
+        )
+        self.gpu_memory = m.gauge(
+            "edgepipe_gpu_memory_allocated_bytes",
+            "GPU memory the stage's process has allocated (CUDA only).",
+            labels=("device",),
+        )
 
     def check(self) -> None:
         import importlib.util
@@ -162,15 +180,16 @@ class YoloV5Stage(Processor):
             self.backend = create_backend(cfg.backend, self.model, self._imgsz, cfg.threads, self.log)
         except BackendError as exc:
             raise StageError(str(exc)) from None
-        self.metrics.set_info(
+        self.info.clear()
+        self.info.labels(
             device=str(self.device), precision="fp16" if self.half else "fp32", backend=self.backend.name, model=label
-        )
+        ).set(1)
         # Warm up: the first passes pick kernels and allocate; do it before reporting ready.
         warm = np.zeros((1, *self._imgsz), np.uint8)
         for _ in range(2):
             self._forward(warm)
         if cuda:
-            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(self.device))
+            self.gpu_memory.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
         self.log.info(
             "Model %r ready on %s (%s, backend %s, %d classes, input %dx%d)",
             label, self.device, "fp16" if self.half else "fp32", self.backend.name, len(self.names),
@@ -233,8 +252,8 @@ class YoloV5Stage(Processor):
                 batch = np.stack([inputs[i] for i in chunk])  # (B, H, W), a fresh writable array
                 t0 = time.perf_counter()
                 rows, counts = self._forward(batch)
-                self.metrics.inference_seconds.observe(time.perf_counter() - t0)
-                self.metrics.batch_size.observe(len(chunk))
+                self.inference_seconds.observe(time.perf_counter() - t0)
+                self.batch_size.observe(len(chunk))
                 offsets = np.concatenate([[0], np.cumsum(counts)])
                 for j, i in enumerate(chunk):
                     frames[i].candidates = np.ascontiguousarray(rows[offsets[j] : offsets[j + 1]])
@@ -244,7 +263,7 @@ class YoloV5Stage(Processor):
                     else:
                         frames[i].image = None
         if self.device.type == "cuda":
-            self.metrics.gpu_memory.set(self._torch.cuda.memory_allocated(self.device))
+            self.gpu_memory.labels(str(self.device)).set(self._torch.cuda.memory_allocated(self.device))
         return frames
 
     def reconfigure(self, config: StageConfig) -> bool:
