@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "ARRAY_FIELDS",
     "DETECTIONS_SCHEMA",
+    "PICTURE_FIELDS",
     "EndMarker",
     "Frame",
     "MessageError",
@@ -40,6 +41,8 @@ __all__ = [
     "detection_message",
     "encode",
     "encode_eos",
+    "frame_problem",
+    "picture_problem",
 ]
 
 WIRE_VERSION = 1
@@ -47,6 +50,9 @@ DETECTIONS_SCHEMA = "edgepipe.detections/v1"
 
 # The ndarray fields of a Frame, and the dtypes the wire accepts for them.
 ARRAY_FIELDS = ("image", "original", "candidates", "detections")
+# The fields holding pictures: 8-bit gray (H, W) or (H, W, C) with 1, 3 or 4 channels, nothing else
+# (a float or 16-bit picture would go through the detector as plausible nonsense).
+PICTURE_FIELDS = ("image", "original")
 _DTYPES = {"uint8", "uint16", "float16", "float32", "float64", "int32", "int64"}
 _MIN_NDIM = 2  # every array field is at least (rows, columns): images (H, W[, C]), boxes (n, k)
 _MAX_NDIM = 4
@@ -211,6 +217,9 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
         ):
             raise MessageError(f"array {name!r} has a bad shape {shape!r:.60}")
+        problem = picture_problem(name, dtype, shape)
+        if problem:
+            raise MessageError(problem)
         buf = _buffer(part)
         expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
         if buf.nbytes != expected:
@@ -235,6 +244,34 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         events=events,
         **arrays,
     )
+
+
+def picture_problem(field: str, dtype: str, shape: Sequence[int]) -> Optional[str]:
+    """Why an array cannot be the picture ``field`` of a frame (one line), or None: pictures are
+    uint8, (H, W) or (H, W, C) with C in 1, 3, 4. Other fields are not pictures: None."""
+    if field not in PICTURE_FIELDS:
+        return None
+    if dtype != "uint8":
+        return (
+            f"{field} is {dtype}; pictures are 8-bit (uint8): convert 16-bit or float images "
+            "before sending them (16-bit thermal input is not supported yet)"
+        )
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        return f"{field} has shape {tuple(shape)}; a picture is (H, W) or (H, W, C) with 1, 3 or 4 channels"
+    return None
+
+
+def frame_problem(frame: Frame) -> Optional[str]:
+    """:func:`picture_problem` for a frame's pictures (a source's output is checked with it)."""
+    for name in PICTURE_FIELDS:
+        arr = getattr(frame, name)
+        if arr is not None:
+            if not isinstance(arr, np.ndarray):
+                return f"{name} is a {type(arr).__name__}, not a numpy array"
+            problem = picture_problem(name, arr.dtype.name, arr.shape)
+            if problem:
+                return f"frame {frame.source}/{frame.frame_id}: {problem}"
+    return None
 
 
 def detection_message(frame: Frame, published_at: Optional[float] = None) -> Dict[str, Any]:

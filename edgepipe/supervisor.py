@@ -601,9 +601,17 @@ class Supervisor:
     # -- reload ----------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        """SIGHUP. Whatever the new file holds, and whatever goes wrong while it is loaded,
+        checked or compared, the running pipeline goes on and one line says why."""
         self.notifier.reloading()
         try:
             self._reload()
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the daemon down
+            log.error(
+                "Reload refused, still running the previous config: %s: %s",
+                type(exc).__name__, " ".join(str(exc).split())[:300],
+            )
+            log.debug("Reload failure", exc_info=True)
         finally:
             self.notifier.ready()
 
@@ -628,7 +636,11 @@ class Supervisor:
         new.config = new.config.model_copy(
             update={"name": self.p.config.name, "metrics": self.p.config.metrics, "runtime": self.p.config.runtime}
         )
-        self.rundir.check_lengths(new.stages)
+        try:
+            self.rundir.check_lengths(new.stages)
+        except RuntimeDirError as exc:
+            log.error("Reload refused, still running the previous config: runtime.dir: %s", exc)
+            return
         old_plans = {n: w.plan for n, w in self.workers.items()}
         old_p = self.p
         with self.lock:

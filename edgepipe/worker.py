@@ -31,13 +31,14 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgpack
 import zmq
 
-from edgepipe.messages import EndMarker, Frame, encode
+from edgepipe.messages import EndMarker, Frame, encode, frame_problem
 from edgepipe.metrics import MetricsError, StageMetrics
+from edgepipe.ratelimit import CauseLog
 from edgepipe.registry import Registry
 from edgepipe.runtime import PositionFile, configure_logging
 from edgepipe.stage import EndOfStream, Processor, Source, Stage, StageContext, StageError
@@ -89,7 +90,7 @@ class StageRunner:
         self.blocked = False
         self.done = False
         self.stop_requested = False
-        self.last_error_log = 0.0
+        self.error_log = CauseLog(log, ERROR_LOG_INTERVAL_S)  # one line per cause and interval
         self.fps_window: List[Tuple[float, float]] = []
         self.spinning = False  # a source whose read() returned None without waiting
         self.resume: int = int(spec.get("resume") or 0)
@@ -327,17 +328,14 @@ class Worker:
         r.metrics.last_progress.set(time.time())
         log.debug("Stage %r ended", r.name)
 
-    def count_error(self, r: StageRunner, kind: str, exc: BaseException, dropped: int) -> None:
+    def count_error(self, r: StageRunner, kind: str, exc: Union[BaseException, str], dropped: int) -> None:
+        """Count an error of ``kind`` (and ``dropped`` frames); one log line per cause and
+        interval. ``exc`` is the exception, or the reason as text."""
         r.metrics.errors.labels(kind).inc()
         if dropped:
             r.metrics.dropped.labels("error").inc(dropped)
-        now = time.monotonic()
-        if now - r.last_error_log >= ERROR_LOG_INTERVAL_S:
-            r.last_error_log = now
-            log.error(
-                "Stage %r %s error (later ones within %.0f s are only counted): %s",
-                r.name, kind, ERROR_LOG_INTERVAL_S, _one_line(exc),
-            )
+        text = exc if isinstance(exc, str) else _one_line(exc)
+        if r.error_log.log(logging.ERROR, f"Stage {r.name!r} {kind} error: {text}") and not isinstance(exc, str):
             log.debug("%s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def step_source(self, r: StageRunner) -> None:
@@ -361,6 +359,10 @@ class Worker:
         dt = time.monotonic() - t0
         r.spinning = frame is None and dt < SOURCE_SPIN_S
         if frame is None:
+            return
+        problem = frame_problem(frame)
+        if problem:  # not a picture the pipeline can work on: refused where it enters
+            self.count_error(r, "source", problem, 1)
             return
         m = r.metrics
         m.processing_seconds.observe(dt)

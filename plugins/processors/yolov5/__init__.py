@@ -36,8 +36,7 @@ from edgepipe.metrics import BATCH_BUCKETS, PROCESSING_BUCKETS
 from edgepipe.stage import Processor, StageConfig, StageError
 from edgepipe.yolo.builtin import WeightsRef
 
-from .._common import only_changed
-from ..letterbox import parse_imgsz
+from .._common import ImageSize, only_changed, parse_imgsz
 
 __all__ = ["YoloV5Config", "YoloV5Stage", "pick_device"]
 
@@ -61,7 +60,7 @@ class YoloV5Config(StageConfig):
         description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
     )
     half: Optional[bool] = Field(None, description="fp16 inference; null: fp16 on CUDA, fp32 on CPU.")
-    imgsz: Union[int, List[int]] = Field(
+    imgsz: ImageSize = Field(
         640,
         description="Input size (int or [height, width]) for the warm-up and for frames that "
         "arrive without a letterbox stage in front.",
@@ -90,8 +89,8 @@ class YoloV5Config(StageConfig):
 
     @field_validator("imgsz")
     @classmethod
-    def _imgsz(cls, value: Union[int, List[int]]) -> Union[int, List[int]]:
-        parse_imgsz(value)
+    def _stride(cls, value: Union[int, List[int]]) -> Union[int, List[int]]:
+        parse_imgsz(value)  # a multiple of 32; the model's own stride is checked at start
         return value
 
     @field_validator("cfg")

@@ -31,6 +31,7 @@ class CounterConfig(StageConfig):
     fail_check: bool = Field(False, description="check() raises StageError (pre-flight).")
     outage_at: Optional[int] = Field(None, ge=0, description="Before this frame, deliver nothing for outage_s (a camera gone dark).")
     outage_s: float = Field(0.0, ge=0, description="Seconds the outage lasts (read() returns None meanwhile).")
+    dtype: str = Field("uint8", description="numpy dtype of the pictures (anything but uint8 must be refused).")
 
 
 class Counter(Source):
@@ -79,7 +80,7 @@ class Counter(Source):
             if wait > 0:
                 time.sleep(wait)
             self.next_time = max(self.next_time + 1.0 / c.fps, time.monotonic() - 1.0)  # type: ignore[attr-defined]
-        image = np.full((c.height, c.width), self.next_id % 256, np.uint8)  # type: ignore[attr-defined]
+        image = np.full((c.height, c.width), self.next_id % 256, c.dtype)  # type: ignore[attr-defined]
         frame = Frame(source=self.name, frame_id=self.next_id, timestamp=time.time(), image=image)
         self.next_id += 1
         return frame
