@@ -25,7 +25,7 @@ from edgepipe.yolo.backends import prepare_process
 from .common import Section, load_average, machine, mode_arguments, output
 
 SECTIONS = ("transport", "backends", "throughput", "batching", "latency", "overload", "memory",
-            "model", "ops", "gpu")
+            "model", "ops", "gpu", "tracking")
 
 
 def _key(text: str) -> str:
@@ -91,7 +91,14 @@ def _sections(mode: str) -> Dict[str, Callable[[], Any]]:
         "model": lambda: model_section(smoke),
         "ops": lambda: ops_section(smoke),
         "gpu": lambda: bench_gpu.run(smoke),
+        "tracking": lambda: _tracking(smoke),
     }
+
+
+def _tracking(smoke: bool) -> Section:
+    from . import bench_tracking
+
+    return bench_tracking.run(smoke)
 
 
 def parse_only(text: str) -> List[str]:

@@ -12,9 +12,9 @@ naming the plugin, its target and the exception.
 from __future__ import annotations
 
 import importlib.metadata
-from typing import Any, Dict, List, Optional, Tuple, Type
+from typing import Any, Dict, List, Mapping, Optional, Type
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import Field, create_model
 from typing_extensions import Literal
 
 from edgepipe.stage import KINDS, Stage, StageConfig
@@ -168,6 +168,16 @@ class Registry:
             raise PluginError(f"{name!r} is not a stage type; known: {', '.join(self.names)}")
         return plugin.load()
 
+    def validate(self, name: str, raw: Mapping[str, Any]) -> StageConfig:
+        """Stage settings as written (with ``type``) validated against the plugin ``name``'s
+        model: the one way a stage config is validated (config loading, worker start, reload).
+        PluginError when the plugin cannot be used, pydantic's ValidationError when the settings
+        do not fit it."""
+        plugin = self.plugins.get(name)
+        if plugin is None:
+            raise PluginError(f"{name!r} is not a stage type; known: {', '.join(self.names)}")
+        return plugin.settings_model().model_validate(raw)
+
     def describe(self) -> List[Dict[str, Any]]:
         """Every type (loading all): name, kind, description, target, distribution, error."""
         out = []
@@ -187,34 +197,3 @@ class Registry:
                 }
             )
         return out
-
-    def config_model(self) -> Tuple[Type[BaseModel], List[str]]:
-        """The whole pipeline config as one pydantic model (stages a discriminated union on
-        ``type`` over every loadable plugin), with the errors of the plugins left out."""
-        from edgepipe.config import MetricsConfig, PipelineConfig, RuntimeConfig
-
-        members, errors = [], []
-        for plugin in self.plugins.values():
-            try:
-                members.append(plugin.settings_model())
-            except PluginError as exc:
-                errors.append(str(exc))
-        if not members:
-            stage_type: Any = StageConfig
-        elif len(members) == 1:
-            stage_type = members[0]
-        else:
-            from typing import Union
-
-            from typing_extensions import Annotated
-
-            stage_type = Annotated[Union[tuple(members)], Field(discriminator="type")]  # type: ignore[valid-type]
-        model = create_model(  # type: ignore[call-overload]
-            "EdgepipeConfig",
-            __base__=PipelineConfig,
-            __doc__=PipelineConfig.__doc__,
-            stages=(Dict[str, stage_type], PipelineConfig.model_fields["stages"]),
-            metrics=(MetricsConfig, PipelineConfig.model_fields["metrics"]),
-            runtime=(RuntimeConfig, PipelineConfig.model_fields["runtime"]),
-        )
-        return model, errors

@@ -24,9 +24,17 @@ import shutil
 import stat
 import struct
 import tempfile
-from typing import IO, Iterable, Mapping, Optional
+from typing import IO, Iterable, List, Mapping, Optional
 
-__all__ = ["MAX_IPC_PATH", "PositionFile", "RuntimeDir", "RuntimeDirError", "open_runtime_dir", "read_position"]
+__all__ = [
+    "MAX_IPC_PATH",
+    "PositionFile",
+    "RuntimeDir",
+    "RuntimeDirError",
+    "open_runtime_dir",
+    "read_position",
+    "running_daemons",
+]
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +215,26 @@ def _clean_stale(base: str, name: str) -> None:
             log.info("Removed stale runtime dir %r of a daemon that is gone", path)
             shutil.rmtree(path, ignore_errors=True)
             lock.close()
+
+
+def running_daemons(name: str, env: Optional[Mapping[str, str]] = None) -> List[int]:
+    """Pids of other live daemons of pipeline ``name`` using the per-daemon runtime directories
+    (whoever holds the lock of an ``edgepipe-<name>-*`` directory), for an error that names them."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    pids = []
+    for path in glob.glob(os.path.join(glob.escape(base), f"edgepipe-{glob.escape(name)}-*")):
+        try:
+            lock = _try_lock(path)
+        except OSError:
+            continue
+        if lock is not None:  # nobody holds it: a stale directory
+            lock.close()
+            continue
+        holder = _holder(path)
+        if holder.isdigit() and int(holder) != os.getpid():
+            pids.append(int(holder))
+    return sorted(pids)
 
 
 def open_runtime_dir(

@@ -246,6 +246,13 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     def check(self) -> None:  # noqa: B027 - an optional hook
         """Pre-flight check in the supervisor (see class docstring)."""
 
+    def addresses(self) -> Dict[str, str]:
+        """Where a person or another program reaches this stage once it started: a label and an
+        address (``{"live preview": "http://127.0.0.1:8080/"}``, ``{"detections": "tcp://..."}``).
+        Called by the worker after ``start()``; ``edgepipe run`` prints them once the daemon is
+        ready. Default: none."""
+        return {}
+
     def check_upstream(self, upstream: Dict[str, Stage]) -> None:  # noqa: B027 - an optional hook
         """Static cross-check against the stages upstream of this one: ``upstream`` maps the name
         of every stage this one transitively takes input from to its (unstarted) instance, in
@@ -320,6 +327,13 @@ class Source(Stage):
     def resume(self) -> int:
         """The frame id this incarnation's first frame carries (see the class docstring)."""
         return self.context.resume
+
+    def expected_frames(self) -> Optional[int]:
+        """For a finite source that knows its length (a file, a folder of images), how many
+        frames it delivers in all, counted from the first (also after a restart); None when
+        endless or unknown. Called after ``start()``; the live status shows progress and the
+        time left."""
+        return None
 
     @abc.abstractmethod
     def read(self) -> Optional[Frame]:

@@ -14,7 +14,7 @@ from typing import List, Optional
 import pytest
 from pydantic import Field
 
-from edgepipe.config import ConfigError, interpolate, load_config, parse_config
+from edgepipe.config import ConfigError, config_model, interpolate, load_config, parse_config
 from edgepipe.messages import Frame
 from edgepipe.registry import Registry
 from edgepipe.stage import ExistingFile, Processor, Sink, Source, StageConfig
@@ -227,7 +227,7 @@ def test_kinds_must_fit():
 def test_interpolation():
     errs: List[str] = []
     tree = {"a": "${X}", "b": ["${Y:-7}", "p${X}q"], "c": "$${X}", "d": 3}
-    out = interpolate(tree, {"X": "1"}, "", errs)
+    out, _ = interpolate(tree, {"X": "1"}, "", errs)
     assert out == {"a": "1", "b": ["7", "p1q"], "c": "${X}", "d": 3} and errs == []
     interpolate({"stages": {"cam": {"device": "${CAM}"}}}, {}, "", errs)
     assert errs == ["stages.cam.device: environment variable 'CAM' is not set (in '${CAM}')"]
@@ -269,7 +269,7 @@ def test_yaml_errors_name_file_and_line(tmp_path):
 
 
 def test_config_model_schema_is_a_discriminated_union():
-    model, errors = REGISTRY.config_model()
+    model, errors = config_model(REGISTRY)
     assert errors == []
     schema = model.model_json_schema()
     stages = schema["properties"]["stages"]["additionalProperties"]

@@ -13,17 +13,19 @@ import urllib.request
 import msgpack
 import pytest
 
+from edgepipe.daemon.exposition import (
+    MetricsServer,
+    PipelineView,
+    WorkerView,
+    iter_samples,
+    read_process_stats,
+)
 from edgepipe.metrics import (
     BATCH_BUCKETS,
     MetricsError,
-    MetricsServer,
-    PipelineView,
     StageMetrics,
     StageTotals,
-    WorkerView,
     check_series,
-    iter_samples,
-    read_process_stats,
 )
 
 

@@ -151,7 +151,8 @@ def test_taken_metrics_port_fails_fast(tmp_path):
         r = _run(tmp_path, config)
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        f"edgepipe: error: metrics.listen: cannot listen on '127.0.0.1:{port}': Address already in use"
+        f"edgepipe: error: metrics.listen: cannot listen on '127.0.0.1:{port}': Address already in use; "
+        "change metrics.listen"  # the setting to change is named (issue 15)
     )
 
 
@@ -614,9 +615,13 @@ def test_status_in_place_on_a_terminal_and_plain_for_journald(tmp_path):
     assert proc.wait(30) == 0
     os.close(primary)
     screen = b"".join(chunks).decode(errors="replace")
-    assert "\x1b[3F\x1b[J" in screen  # the three-line board redrawn in place
+    assert "\x1b[4F\x1b[J" in screen  # the board (title, header, two stages) redrawn in place
     assert "edgepipe tty: 2 stages" in screen and "fps" in screen
+    assert "  stage " in screen and "progress" in screen  # the table has a header
+    assert "40/40 (100%)" in screen or "/40 (" in screen  # a counted source shows its progress
     assert "Finished in" in screen
+    after = screen[screen.index("Finished in"):]
+    assert "\x1b[K" not in after, after  # no stale table drawn again after the summary
 
     # Under journald: no timestamps, a syslog priority prefix per line.
     env = dict(os.environ, JOURNAL_STREAM="8:1234")

@@ -72,3 +72,18 @@ def test_camera_config_fails_fast_without_a_camera():
     assert len(lines) == 1, done.stderr
     assert "/dev/video0" in lines[0] and "configs/synthetic.yaml" in lines[0]
     assert elapsed < 20, f"took {elapsed:.1f} s: the pre-flight must fail before starting workers"
+
+
+def test_plugin_readmes_document_every_option_and_series():
+    """Each first-party README's option and metrics tables are generated from the stage's Config
+    and what it declares (tools/plugin_readmes.py), so they cannot drift: a field added without
+    regenerating fails here."""
+    from tools.plugin_readmes import first_party, rendered
+
+    stale = [name for name, readme, model, series in first_party() if rendered(readme, model, series) != readme.read_text()]
+    assert not stale, f"README out of date for {stale}: run `python -m tools.plugin_readmes`"
+    for name, readme, model, _ in first_party():
+        text = readme.read_text()
+        for field in model.model_fields:
+            if field != "type" and field not in ("inputs", "worker", "policy", "stall_timeout"):
+                assert f"| `{field}` |" in text, f"{name}: option {field!r} missing from {readme}"

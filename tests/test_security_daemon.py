@@ -19,7 +19,7 @@ from helpers.daemon import Daemon
 from helpers.net import free_port
 
 from edgepipe.client import subscribe
-from edgepipe.metrics import iter_samples
+from edgepipe.daemon.exposition import iter_samples
 from edgepipe.security import CurveConfig, generate_keys
 
 pytestmark = pytest.mark.slow

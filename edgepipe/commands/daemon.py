@@ -35,7 +35,7 @@ def validate(
 ) -> None:
     """Check a config statically (no device opened): exit 0, or one line per error."""
     pipeline = _load(config)
-    stages = ", ".join(f"{n} ({pipeline.types[n]})" for n in pipeline.stages)
+    stages = ", ".join(f"{n} ({s.type})" for n, s in pipeline.specs.items())
     typer.echo(f"{config}: OK: {len(pipeline.stages)} stages: {stages}")
 
 
@@ -43,7 +43,7 @@ def run(
     config: str = typer.Argument(..., help="Pipeline config (YAML)."),
 ) -> None:
     """Run the pipeline daemon until SIGTERM/SIGINT, or until every finite source has ended."""
-    from edgepipe.supervisor import run_daemon
+    from edgepipe.daemon.supervisor import run_daemon
 
     pipeline = _load(config)
     code = run_daemon(pipeline)
@@ -76,9 +76,10 @@ def schema(
 ) -> None:
     """Print a JSON Schema: of the pipeline config (for editors) or of the detection message."""
     if what == "config":
+        from edgepipe.config import config_model
         from edgepipe.registry import Registry
 
-        model, errors = Registry.discover().config_model()
+        model, errors = config_model(Registry.discover())
         for line in errors:
             typer.echo(f"edgepipe: warning: left out of the schema: {line}", err=True)
         typer.echo(json.dumps(model.model_json_schema(), indent=2))

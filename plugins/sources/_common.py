@@ -79,8 +79,11 @@ class Pacer:
     """Releases ticks at ``fps`` on a fixed schedule (no drift when a tick is served late).
 
     ``ready()`` returns True when the next tick is due and then schedules the one after it; when
-    the tick is not due yet it sleeps at most ``READ_WAIT_S`` and returns False. A consumer that
-    falls more than one period behind skips ahead instead of bursting to catch up.
+    the tick is not due yet it sleeps at most ``READ_WAIT_S`` and returns False, also when the
+    tick came due during that sleep: the next call returns True at once, so the ``read()`` that
+    produces a frame does not include the wait (the status and the processing-time metrics show
+    the source's own work, not its pacing). A consumer that falls more than one period behind
+    skips ahead instead of bursting to catch up.
     """
 
     def __init__(self, fps: Optional[float]):
@@ -96,9 +99,7 @@ class Pacer:
         wait = self._due - now
         if wait > 0:
             time.sleep(min(wait, READ_WAIT_S))
-            if wait > READ_WAIT_S:
-                return False
-        now = time.monotonic()
+            return False
         self._due = max(self._due + self.period, now - self.period)
         return True
 

@@ -69,6 +69,15 @@ class FileSource(NumberedSource):
             self._skip(self.resume)
             self.log.info("Resuming %r at frame %d after a restart", self.config.path, self.resume)
 
+    def expected_frames(self) -> Optional[int]:
+        """The container's frame count (None when looping, or when it does not say)."""
+        import cv2
+
+        if self.config.loop or self._cap is None:
+            return None
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        return count if count > 0 else None
+
     def _skip(self, frames: int) -> None:
         """Continue where a previous incarnation stopped: pass over ``frames`` frames (grabbed,
         not converted). A looping file is counted on its first pass, so the rest of the skip

@@ -73,6 +73,9 @@ class ImagesSource(NumberedSource):
             self.log.info("Resuming %r at image %d after a restart", self.config.path, self.resume)
         self._pacer = Pacer(self.config.fps)
 
+    def expected_frames(self) -> Optional[int]:
+        return None if self.config.loop else len(self._files)
+
     def read(self) -> Optional[Frame]:
         import cv2
 

@@ -78,6 +78,9 @@ class SyntheticSource(NumberedSource):
         )
         self._pacer = Pacer(cfg.fps)
 
+    def expected_frames(self) -> Optional[int]:
+        return self.config.count
+
     def read(self) -> Optional[Frame]:
         if self.config.count is not None and self._next_id >= self.config.count:
             raise EndOfStream(self.name)

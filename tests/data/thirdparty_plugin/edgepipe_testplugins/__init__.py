@@ -50,6 +50,9 @@ class Counter(Source):
         c = self.config
         return c.live if c.live is not None else c.count is None  # type: ignore[attr-defined]
 
+    def expected_frames(self) -> Optional[int]:
+        return self.config.count  # type: ignore[attr-defined]
+
     def check(self) -> None:
         if self.config.fail_check:  # type: ignore[attr-defined]
             raise StageError(f"counter {self.name!r}: no such device (fail_check is set)")
