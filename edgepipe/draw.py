@@ -173,7 +173,7 @@ def tag_layout(
     """
     t, font_scale, font_thick = _style(width, height, thickness)
     dets = np.asarray(detections, dtype=np.float64).reshape(-1, 6)
-    finite: np.ndarray = np.isfinite(dets[:, :4]).all(axis=1)
+    finite = np.asarray(np.isfinite(dets[:, :4]).all(axis=1), dtype=bool)
     boxes = np.zeros((len(dets), 4), np.int64)
     boxes[finite] = np.round(dets[finite, :4]).astype(np.int64)
     # Half the outline's width, and a pixel more for its anti-aliased fringe.
