@@ -327,3 +327,20 @@ def test_webm_of_a_killed_worker_plays_up_to_what_was_written(tmp_path: Path, br
     assert 10 <= len(images) < 80, f"{len(images)} of 80 frames readable after kill -9"
     state = _plays(browser, tmp_path, "killed.webm", 320, 240, 0)
     assert state["duration"] == "Infinity", "without its index the length is unknown until the end"
+
+
+def test_lines_caught_while_opening_go_back_to_stderr_unless_they_are_opencv_s(capfd, caplog) -> None:
+    import logging
+
+    from edgepipe_plugins.sinks.video import _native_output
+
+    log = logging.getLogger("edgepipe.stage.video-test")
+    with caplog.at_level("DEBUG", logger=log.name):
+        with _native_output(log):
+            os.write(2, b"OpenCV: FFMPEG: tag 0x30385056/'VP80' is not supported with codec id 139\n")
+            os.write(2, b"[h264_v4l2m2m @ 0x55d0c0ffee00] Could not find a valid device\n")
+            os.write(2, b"12:00:00 INFO    supervisor: a line of another thread\n")
+    err = capfd.readouterr().err
+    assert err == "12:00:00 INFO    supervisor: a line of another thread\n"
+    debug = [r.getMessage() for r in caplog.records]
+    assert any("VP80" in m for m in debug) and any("h264_v4l2m2m" in m for m in debug)

@@ -323,13 +323,17 @@ def _native_output(log: logging.Logger) -> Iterator[None]:
     writes it; a missing H.264 encoder prints four lines) go to the debug log; anything else that
     reached stderr meanwhile (another thread's log line) is written back unchanged.
     """
+    saved = caught = None
     try:
         sys.stderr.flush()
         saved = os.dup(2)
-    except (OSError, ValueError):  # no usable fd 2: nothing to catch
+        caught = tempfile.TemporaryFile()
+    except (OSError, ValueError):  # no usable fd 2 or no temporary file: catch nothing
+        if saved is not None:
+            os.close(saved)
         yield
         return
-    with tempfile.TemporaryFile() as caught:
+    with caught:
         os.dup2(caught.fileno(), 2)
         try:
             yield
