@@ -7,6 +7,8 @@
 - The license: setuptools 77 and later want an SPDX expression (`license = "Apache-2.0"`) and
   deprecate the `{text = ...}` table, while the newest setuptools for Python 3.8 (75.3, JetPack 5)
   rejects the expression. So `license` is dynamic and set here in the form this setuptools reads.
+- Package data is listed here too: setuptools before 69 calls a `[tool.setuptools]` table in
+  pyproject.toml "beta" and warns about it on every build.
 """
 import setuptools
 from setuptools import find_namespace_packages, setup
@@ -26,5 +28,9 @@ license_field = {"license_expression": "Apache-2.0"} if major >= 77 else {"licen
 setup(
     packages=packages,
     package_dir={"edgepipe_plugins": "plugins", "edgepipe_benchmarks": "benchmarks"},
+    package_data={
+        "edgepipe": ["yolo/configs/*.yaml", "schemas/*.json", "data/*", "py.typed"],
+        "edgepipe_plugins": ["*/*/sample.yaml", "*/*/README.md", "*/*/*.html"],
+    },
     **license_field,
 )
