@@ -30,15 +30,44 @@ help:
 	@echo "make lint   - ruff and mypy on edgepipe/ and plugins/"
 	@echo "make soak   - the 10-minute soak test"
 
+# What `make demo` installs: the runtime dependencies and onnxruntime, the fast CPU backend the
+# demo's detector picks. `make install`/`make test` add the test and lint tools on top.
+DEMO_EXTRAS := onnxruntime
+TEST_EXTRAS := onnxruntime,test,lint
+# pip's own output (progress, build backend notes) goes here; it is shown only when a step fails.
+INSTALL_LOG := $(VENV)/install.log
+
+# $(call logged,message,command): one line saying what happens, the command's output in
+# $(INSTALL_LOG), and the end of that log if it fails. (No commas in the message.)
+define logged
+	@echo "$(1)"
+	@$(2) >>$(INSTALL_LOG) 2>&1 || { echo "Failed: $(1) The end of $(INSTALL_LOG):"; \
+		tail -n 30 $(INSTALL_LOG); exit 1; }
+endef
+
 $(VENV)/bin/python:
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	@echo "Creating the virtual environment $(VENV) ..."
+	@$(PYTHON) -m venv $(VENV)
+	$(call logged,Upgrading pip ...,$(PIP) install -q --upgrade pip)
+
+$(VENV)/.stamp-torch: | $(VENV)/bin/python
+	@if [ -n "$(TORCH)" ]; then \
+		echo "Installing $(TORCH) (the largest download; the first time takes a few minutes) ..."; \
+		$(PIP) install -q "$(TORCH)" >>$(INSTALL_LOG) 2>&1 || { echo "Failed: installing $(TORCH). The end of $(INSTALL_LOG):"; \
+			tail -n 30 $(INSTALL_LOG); exit 1; }; \
+		echo "  torch $$($(PY) -c 'from importlib.metadata import version; print(version("torch"))')"; \
+	fi
+	@touch $@
 
 # Reinstalled whenever the packaging changes (entry points live in the installed metadata).
-$(VENV)/.stamp-install: $(VENV)/bin/python pyproject.toml setup.py
-	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)"; fi
-	$(PIP) install -q -e '.[test,lint]'
+$(VENV)/.stamp-demo: $(VENV)/.stamp-torch pyproject.toml setup.py
+	$(call logged,Installing edgepipe and its dependencies (with onnxruntime) ...,$(PIP) install -q -e '.[$(DEMO_EXTRAS)]')
 	@touch $@
+
+# The full set is a superset of the demo's, so it brings the demo stamp up to date as well.
+$(VENV)/.stamp-install: $(VENV)/.stamp-torch pyproject.toml setup.py
+	$(call logged,Installing edgepipe and its dependencies with the test and lint tools ...,$(PIP) install -q -e '.[$(TEST_EXTRAS)]')
+	@touch $@ $(VENV)/.stamp-demo
 
 venv install: $(VENV)/.stamp-install
 
@@ -60,11 +89,11 @@ test: install deps
 
 # One minute of generated scenes through the shipped demo model (configs/demo.yaml); it ends by
 # itself with a summary. The variables its header lists pass through (EDGEPIPE_DEMO_FRAMES=...).
-demo: install
+demo: $(VENV)/.stamp-demo
 	@mkdir -p "$${EDGEPIPE_DEMO_DIR:-demo-output}"
 	@echo "Live preview: http://127.0.0.1:$${EDGEPIPE_PREVIEW_PORT:-8080}/"
 	@echo "Detections:   $(VENV)/bin/edgepipe subscribe $${EDGEPIPE_PUB:-tcp://127.0.0.1:5556} --topic detections/"
-	@echo "Files:        $${EDGEPIPE_DEMO_DIR:-demo-output}/detections.jsonl, $${EDGEPIPE_DEMO_DIR:-demo-output}/demo.mp4"
+	@echo "Files:        $${EDGEPIPE_DEMO_DIR:-demo-output}/detections.jsonl, $${EDGEPIPE_DEMO_DIR:-demo-output}/demo.webm"
 	$(VENV)/bin/edgepipe run configs/demo.yaml
 
 bench: install

@@ -1,7 +1,7 @@
 """The demo as shipped: configs/demo.yaml validates with nothing set, names the packaged model by
 ``builtin:demo`` (no install path in the config), and a short run of the very same file (its
 length and ports moved through the variables it documents) publishes the four shape classes on
-ZeroMQ, writes them to the JSON-lines file and the video, serves the preview page at the URL it
+ZeroMQ, writes them to the JSON-lines file and the video (which a browser plays), serves the preview page at the URL it
 logs, shows detection counts in its live status and ends by itself with the summary."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Dict, List
 
 import cv2
 import yaml
+from helpers.browser import Browser, serve_directory
 from helpers.daemon import Daemon, Subscriber, read_jsonl
 from helpers.net import free_port
 
@@ -123,7 +124,7 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
     records = read_jsonl(out / "detections.jsonl")
     assert [r["frame_id"] for r in records] == list(range(FRAMES))
     assert [r["detections"] for r in records] == [m["detections"] for m in messages]
-    video = cv2.VideoCapture(str(out / "demo.mp4"))
+    video = cv2.VideoCapture(str(out / "demo.webm"))
     try:
         count = 0
         while True:
@@ -136,3 +137,9 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
         video.release()
     assert count == FRAMES
     assert re.search(r"Recording 1280x720 at [\d.]+ fps", daemon.log), daemon.log
+    # The recording opens where a user looks at it: a browser plays it from the start.
+    with serve_directory(out) as base, Browser() as browser:
+        state = browser.play_video(base + "demo.webm", play_for=1.0)
+    assert state["error"] is None, f"Chromium refuses the demo's video: {state}"
+    assert state["currentTime"] >= 1.0 and abs(state["duration"] - FRAMES / 10) < 0.15, state
+    assert (state["videoWidth"], state["videoHeight"]) == (1280, 720), state

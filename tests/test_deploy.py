@@ -331,3 +331,41 @@ def test_grafana_provisioning() -> None:
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
     readme = (REPO / "deploy" / "README.md").read_text()
     assert provider["options"]["path"] in readme, "deploy/README.md says where to put the JSON"
+
+
+# --- the documented install --------------------------------------------------------------------
+
+
+def _makefile_variable(name: str) -> str:
+    found = re.search(rf"^{name}\s*:?=\s*(.*)$", (REPO / "Makefile").read_text(), re.M)
+    assert found, f"Makefile has no {name}"
+    return found.group(1).strip()
+
+
+def _readme_section(title: str) -> str:
+    text = (REPO / "deploy" / "README.md").read_text()
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", text, re.M | re.S)
+    assert found, f"deploy/README.md has no section {title!r}"
+    return found.group(1)
+
+
+def test_documented_x86_install_brings_the_backend_the_demo_runs() -> None:
+    # The demo installs the onnxruntime extra (about twice torch's CPU speed); a deployed daemon
+    # installed by the README's commands must get the same extras, or it runs at half the speed.
+    demo = set(_makefile_variable("DEMO_EXTRAS").split(","))
+    assert "onnxruntime" in demo
+    section = _readme_section("Install on an x86 box")
+    installs = re.findall(r"pip install (\S*/opt/edgepipe/src\S*)", section)
+    assert len(installs) == 1, installs
+    extras = re.fullmatch(r"'?/opt/edgepipe/src\[([\w,]+)\]'?", installs[0])
+    assert extras, f"the documented install {installs[0]!r} names no extras"
+    assert set(extras.group(1).split(",")) == demo
+    # ... and the extras named exist in the package.
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for extra in demo:
+        assert re.search(rf"^{extra} = \[", pyproject, re.M), f"pyproject.toml has no extra {extra!r}"
+
+
+def test_jetson_install_says_where_its_speed_comes_from() -> None:
+    section = _readme_section("Install on a Jetson")
+    assert "onnxruntime" in section and "CUDA" in section

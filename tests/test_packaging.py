@@ -5,10 +5,12 @@ installed somewhere other than this checkout."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import List, Tuple
 
 import pytest
 
@@ -16,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
+def build(tmp_path_factory) -> Tuple[Path, str]:
+    """The wheel built from this tree, and everything the build printed."""
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(REPO)],
@@ -24,7 +27,21 @@ def wheel(tmp_path_factory) -> Path:
     )
     assert proc.returncode == 0, proc.stderr
     (whl,) = out.glob("edgepipe-*.whl")
-    return whl
+    return whl, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def wheel(build) -> Path:
+    return build[0]
+
+
+def test_build_prints_no_packaging_warnings(build):
+    # pip passes the build backend's warnings through even with -q: a user installing edgepipe
+    # saw about 125 lines of them (a deprecated license table, data folders setuptools could
+    # not place). A clean build prints nothing at all.
+    _, output = build
+    flagged = [line for line in output.splitlines() if re.search(r"warn|deprecat|!!", line, re.I)]
+    assert not flagged, "the build printed warnings:\n" + output
 
 
 def test_wheel_carries_code_plugins_entry_points_and_data(wheel):
@@ -74,3 +91,50 @@ def test_installed_wheel_runs_outside_the_checkout(wheel, tmp_path):
     val = subprocess.run([sys.executable, "-m", "edgepipe", "validate", str(REPO / "configs" / "demo.yaml")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert val.returncode == 0, val.stderr
+
+
+# --- the Makefile's install steps ---------------------------------------------------------------
+
+
+def _make(venv: Path, *targets: str, question: bool = False) -> subprocess.CompletedProcess:
+    """make in this checkout with a stand-in venv: pip is `echo pip` (what would be installed
+    lands in the install log), no torch step."""
+    argv = ["make", "-C", str(REPO), "--no-print-directory", f"VENV={venv}", "TORCH=", "PIP=echo pip"]
+    return subprocess.run(argv + (["-q"] if question else []) + list(targets),
+                          capture_output=True, text=True, timeout=60)
+
+
+def _fake_venv(tmp_path: Path) -> Path:
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    return venv
+
+
+def _installed_extras(venv: Path) -> List[set]:
+    """The extras of each `pip install -e .[...]` the Makefile ran, in order."""
+    log = (venv / "install.log").read_text()
+    return [set(m.split(",")) for m in re.findall(r"pip install -q -e \.\[([\w,]+)\]", log)]
+
+
+def test_make_demo_installs_runtime_and_onnxruntime_only_and_says_so(tmp_path):
+    venv = _fake_venv(tmp_path)
+    done = _make(venv, f"{venv}/.stamp-demo")
+    assert done.returncode == 0, done.stderr
+    assert _installed_extras(venv) == [{"onnxruntime"}], "make demo must not install the test and lint tools"
+    # One line says what happens; pip's own output stays in the log.
+    assert "Installing edgepipe and its dependencies" in done.stdout
+    assert "pip install" not in done.stdout, done.stdout
+    assert _make(venv, f"{venv}/.stamp-demo", question=True).returncode == 0, "a second make demo reinstalls"
+    # demo, then test: the test and lint tools come on top.
+    assert _make(venv, f"{venv}/.stamp-install").returncode == 0
+    assert _installed_extras(venv)[1] == {"onnxruntime", "test", "lint"}
+    for stamp in (".stamp-demo", ".stamp-install"):
+        assert _make(venv, f"{venv}/{stamp}", question=True).returncode == 0, f"{stamp} out of date"
+
+
+def test_make_test_first_leaves_nothing_for_make_demo_to_install(tmp_path):
+    venv = _fake_venv(tmp_path)
+    assert _make(venv, f"{venv}/.stamp-install").returncode == 0
+    assert _installed_extras(venv) == [{"onnxruntime", "test", "lint"}]
+    assert _make(venv, f"{venv}/.stamp-demo", question=True).returncode == 0, "make demo would reinstall"

@@ -102,3 +102,16 @@ def test_rtsp_config_and_redaction():
     with pytest.raises(ValidationError, match="url must start with rtsp://"):
         RtspConfig(url="/dev/video0")
     assert redact("rtsp://admin:s3cret@10.0.0.2:554/s1") == "rtsp://admin:***@10.0.0.2:554/s1"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://admin:s3cret@10.0.0.5:554/stream1", "rtsp://admin:***@10.0.0.5:554/stream1"),
+    ("rtsp://admin:pa:ss@10.0.0.5/h264", "rtsp://admin:***@10.0.0.5/h264"),
+    ("rtsp://admin:p@ss/w0rd@10.0.0.5/live", "rtsp://admin:***@10.0.0.5/live"),
+    ("rtsp://10.0.0.5:554/user=admin&password=s3cret&channel=1", "rtsp://10.0.0.5:554/user=admin&password=***&channel=1"),
+    ("rtsp://10.0.0.5/live?user=admin&pwd=s3cret", "rtsp://10.0.0.5/live?user=admin&pwd=***"),
+    ("rtsp://viewer@10.0.0.5/live", "rtsp://viewer@10.0.0.5/live"),
+    ("rtsp://10.0.0.5/live", "rtsp://10.0.0.5/live"),
+])
+def test_credentials_never_reach_a_log_line(url, shown):
+    assert redact(url) == shown

@@ -228,3 +228,119 @@ def test_writing_keeps_up(tmp_path: Path) -> None:
     sink.stop()
     assert per_frame < 0.033, f"{per_frame * 1000:.1f} ms per 1280x720 frame"
     assert sink.published.value == 30 and sink.detections.value == 60
+
+
+# --- what a browser makes of the file ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from helpers.browser import Browser
+
+    with Browser() as b:
+        yield b
+
+
+def _fourcc(path: Path) -> str:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    try:
+        return int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode(errors="replace")
+    finally:
+        cap.release()
+
+
+def _plays(browser, folder: Path, name: str, width: int, height: int, seconds: float) -> dict:
+    """Chromium's report on playing ``folder/name``; asserts it plays like a video should."""
+    from helpers.browser import serve_directory
+
+    with serve_directory(folder) as base:
+        state = browser.play_video(base + name, play_for=0.5)
+    assert state["error"] is None, f"Chromium refuses {name}: {state}"
+    assert state["currentTime"] >= 0.5, f"{name} does not advance: {state}"
+    assert (state["videoWidth"], state["videoHeight"]) == (width, height), state
+    if seconds:
+        assert state["duration"] == pytest.approx(seconds, abs=0.15), state
+    return state
+
+
+def test_default_webm_records_vp8_that_a_browser_plays(tmp_path: Path, browser, capfd) -> None:
+    path = tmp_path / "clip.webm"
+    sink = _run(VideoConfig(path=str(path)), _frames(20, fps=10.0))
+    assert sink.config.codec is None and _fourcc(path) == "VP80"  # the extension chose VP8
+    images, fps = read_video(path)
+    assert len(images) == 20 and fps == pytest.approx(10, abs=0.05)
+    assert edge_colour_ratio(images[10], _box(10), color(0)) > 0.9
+    _plays(browser, tmp_path, "clip.webm", W, H, 2.0)
+    # OpenCV's own complaint about a WebM FourCC ("tag 'VP80' is not supported", then it writes
+    # VP8 anyway) does not reach the worker's stderr, nor any other line of theirs.
+    assert "OpenCV" not in capfd.readouterr().err
+
+
+def test_mp4_asks_for_h264_and_says_what_it_wrote_instead(tmp_path: Path, browser, caplog, capfd) -> None:
+    path = tmp_path / "clip.mp4"
+    with caplog.at_level("INFO", logger="edgepipe"):
+        _run(VideoConfig(path=str(path), fps=10), _frames(12))
+    fourcc = _fourcc(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if fourcc in ("avc1", "h264", "H264"):  # a platform with an H.264 encoder: plays, no remark
+        assert warnings == []
+        _plays(browser, tmp_path, "clip.mp4", W, H, 1.2)
+    else:  # the pip wheel here: MPEG-4 Part 2 into the same file, and one line naming all of it
+        assert fourcc in ("mp4v", "FMP4")  # (FFmpeg's decoder reads the tag back as FMP4)
+        assert len(warnings) == 1, warnings
+        assert "No H.264 (avc1) encoder" in warnings[0] and "MPEG-4 Part 2 (mp4v)" in warnings[0]
+        assert str(path) in warnings[0] and ".webm" in warnings[0]
+    assert "h264" not in capfd.readouterr().err.lower(), "FFmpeg's own lines leaked to stderr"
+    assert len(read_video(path)[0]) == 12
+
+
+def test_max_width_scales_the_recording_down(tmp_path: Path) -> None:
+    path = tmp_path / "small.webm"
+    _run(VideoConfig(path=str(path), fps=10, max_width=160), _frames(6))
+    images, _ = read_video(path)
+    assert len(images) == 6 and images[0].shape == (120, 160, 3)
+
+
+def test_webm_of_a_killed_worker_plays_up_to_what_was_written(tmp_path: Path, browser) -> None:
+    # kill -9 in the middle of a recording: no stop(), so the WebM has no index, no duration and
+    # loses what was still buffered (the encoder's lag and FFmpeg's 256 KB output buffer). What
+    # reached the disk must still play in a browser. A high bitrate on incompressible frames
+    # fills the buffer quickly, so the test needs only a few seconds of video.
+    code = (
+        "import os, signal, numpy as np\n"
+        "from edgepipe.messages import Frame\n"
+        "from edgepipe.stage import StageContext\n"
+        "from edgepipe_plugins.sinks.video import VideoConfig, VideoSink\n"
+        f"sink = VideoSink(VideoConfig(path={str(tmp_path / 'killed.webm')!r}, fps=10, bitrate=4000), StageContext('v'))\n"
+        "sink.start()\n"
+        "rng = np.random.default_rng(1)\n"
+        "for i in range(80):\n"
+        "    img = rng.integers(0, 255, (240, 320), dtype=np.uint8)\n"
+        "    sink.process([Frame('cam', i, 1.7e9 + i / 10, image=img, original=img)])\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr
+    images, _ = read_video(tmp_path / "killed.webm")
+    assert 10 <= len(images) < 80, f"{len(images)} of 80 frames readable after kill -9"
+    state = _plays(browser, tmp_path, "killed.webm", 320, 240, 0)
+    assert state["duration"] == "Infinity", "without its index the length is unknown until the end"
+
+
+def test_lines_caught_while_opening_go_back_to_stderr_unless_they_are_opencv_s(capfd, caplog) -> None:
+    import logging
+
+    from edgepipe_plugins.sinks.video import _native_output
+
+    log = logging.getLogger("edgepipe.stage.video-test")
+    with caplog.at_level("DEBUG", logger=log.name):
+        with _native_output(log):
+            os.write(2, b"OpenCV: FFMPEG: tag 0x30385056/'VP80' is not supported with codec id 139\n")
+            os.write(2, b"[h264_v4l2m2m @ 0x55d0c0ffee00] Could not find a valid device\n")
+            os.write(2, b"12:00:00 INFO    supervisor: a line of another thread\n")
+    err = capfd.readouterr().err
+    assert err == "12:00:00 INFO    supervisor: a line of another thread\n"
+    debug = [r.getMessage() for r in caplog.records]
+    assert any("VP80" in m for m in debug) and any("h264_v4l2m2m" in m for m in debug)

@@ -7,10 +7,17 @@ torch (only the stages that need it do, inside their workers).
 from __future__ import annotations
 
 import json
+import re
 import sys
-from typing import Optional
+import threading
+from typing import List, Optional
 
 import typer
+
+# `subscribe` says what it is waiting on when nothing has arrived after this many seconds.
+WAITING_NOTE_S = 2.0
+# host:port, [v6]:port: what people type for a TCP endpoint when they leave out "tcp://".
+BARE_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+):\d{1,5}")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -31,12 +38,29 @@ def _load(config: str):  # type: ignore[no-untyped-def]
 
 
 def validate(
-    config: str = typer.Argument(..., help="Pipeline config (YAML)."),
+    configs: List[str] = typer.Argument(..., metavar="CONFIG", help="Pipeline configs (YAML), one or more."),
 ) -> None:
-    """Check a config statically (no device opened): exit 0, or one line per error."""
-    pipeline = _load(config)
-    stages = ", ".join(f"{n} ({s.type})" for n, s in pipeline.specs.items())
-    typer.echo(f"{config}: OK: {len(pipeline.stages)} stages: {stages}")
+    """Check configs statically (no device opened): one line per file, OK or its errors."""
+    from edgepipe.config import ConfigError, load_config
+    from edgepipe.registry import Registry
+
+    registry = Registry.discover()
+    failed = 0
+    for config in configs:
+        try:
+            pipeline = load_config(config, registry)
+        except ConfigError as exc:
+            failed += 1
+            for line in exc.errors or ["invalid config"]:
+                # With several files, each error names its file (most name it already).
+                if len(configs) > 1 and not line.startswith(f"{config}:"):
+                    line = f"{config}: {line}"
+                typer.echo(f"edgepipe: error: {line}", err=True)
+            continue
+        stages = ", ".join(f"{n} ({s.type})" for n, s in pipeline.specs.items())
+        typer.echo(f"{config}: OK: {len(pipeline.stages)} stages: {stages}")
+    if failed:
+        raise typer.Exit(1)
 
 
 def run(
@@ -116,9 +140,19 @@ def subscribe(
         curve = CurveConfig.model_validate(
             {"client_secret_key": curve_secret_key, "server_public_key": curve_server_key}
         )
+    if BARE_HOST_PORT.fullmatch(endpoint):
+        typer.echo(f"edgepipe: note: {endpoint!r} names no transport; subscribing to tcp://{endpoint}", err=True)
+        endpoint = f"tcp://{endpoint}"
     received = 0
+    # Nothing may ever come (no daemon, another port, a key the publisher does not allow), and
+    # a SUB socket cannot tell: say once what is being waited for.
+    arrived = threading.Event()
+    note = threading.Timer(WAITING_NOTE_S, _waiting_note, (arrived, endpoint, topic, curve is not None))
+    note.daemon = True
+    note.start()
     try:
         for _topic, payload in subscribe_raw(endpoint, topic=topic, timeout=timeout, curve=curve):
+            arrived.set()
             try:
                 text = payload.decode("utf-8")
                 json.loads(text)
@@ -139,6 +173,22 @@ def subscribe(
         return
     except ValueError as exc:  # a malformed endpoint, an unreadable or unprotected key file
         raise _fail(str(exc), 2) from None
+    finally:
+        arrived.set()
+        note.cancel()
+
+
+def _waiting_note(arrived: threading.Event, endpoint: str, topic: str, curve: bool) -> None:
+    if arrived.is_set():
+        return
+    hint = "is a zmq_pub stage bound there, and its daemon running?"
+    if curve:
+        hint = "is a zmq_pub stage bound there, and this client's public key in its allow-list?"
+    typer.echo(
+        f"edgepipe: waiting for messages from {endpoint} on topic {topic!r}; nothing after "
+        f"{WAITING_NOTE_S:g} s ({hint})",
+        err=True,
+    )
 
 
 def register(app: typer.Typer) -> None:

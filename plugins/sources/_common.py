@@ -6,10 +6,17 @@ without drift (real-time files, synthetic scenes, image folders). :class:`Captur
 OpenCV capture (V4L2 camera, RTSP stream) in a background thread that keeps only the newest frame,
 so a slow pipeline never reads stale frames out of the driver's buffer, and reopens the capture
 with exponential backoff when it fails.
+
+A capture that keeps failing must not flood the journal: FFmpeg prints its own line for every
+failed connection ("[tcp @ 0x...] Connection to tcp://... failed") and OpenCV a warning for every
+failed open ("[ WARN:0@...] cap.cpp ... can't be used to capture by name"), next to the one line
+per attempt the capture thread logs itself. :func:`quiet_native_logs` turns both off in the
+source's worker before the first capture opens (measured: three lines per retry became one).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from typing import Any, Callable, Optional, Tuple
@@ -21,6 +28,23 @@ from edgepipe.stage import Source, StageConfig, StageContext, StageError
 
 # How long read() may block waiting for a frame, so the worker can serve control messages.
 READ_WAIT_S = 0.1
+
+
+def quiet_native_logs() -> None:
+    """Silence FFmpeg's and OpenCV's own stderr lines in this process, unless the user asked
+    for them (OPENCV_FFMPEG_LOGLEVEL, OPENCV_LOG_LEVEL set in the environment).
+
+    OpenCV reads OPENCV_FFMPEG_LOGLEVEL when its FFmpeg backend is first used and hands it to
+    FFmpeg's ``av_log_set_level`` (-8 is AV_LOG_QUIET; OpenCV's default shows errors, such as a
+    refused connection); so this must run before the first capture of the process. OpenCV's own
+    log level can change any time; ERROR keeps real errors and drops the warnings that repeat a
+    failed open.
+    """
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        import cv2
+
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 class NumberedSource(Source):
@@ -110,8 +134,11 @@ class CaptureThread:
     ``open_capture()`` returns an opened ``cv2.VideoCapture`` or raises :class:`StageError`.
     After a failed open or read the thread waits ``backoff`` seconds (1 s, doubling up to
     ``max_backoff``) before it tries again, counts every attempt in ``on_reconnect`` and logs one
-    line per attempt; ``on_health`` hears the reason when the capture is lost and None when it
-    is back (the source reports it with :meth:`edgepipe.stage.Stage.report_unhealthy`); after ``max_reconnects`` consecutive failed attempts it gives up and
+    line per attempt: "Cannot <opening> ..." until the capture has opened once (a camera that
+    is not there at start was never lost), "Lost ..." after that; ``on_health`` hears the reason
+    when the capture is lost or cannot be opened and None when it is back (the source reports it
+    with :meth:`edgepipe.stage.Stage.report_unhealthy`). After ``max_reconnects``
+    consecutive failed attempts it gives up and
     :meth:`latest` raises the reason. A successful read resets the backoff. A read that took
     ``read_timeout`` seconds or more counts as failed even when it returned a frame: FFmpeg hands
     back an old picture when its timeout interrupts a stalled stream, which must not pass for a
@@ -129,8 +156,10 @@ class CaptureThread:
         max_backoff: float = 60.0,
         max_reconnects: Optional[int] = None,
         read_timeout: Optional[float] = None,
+        opening: str = "open",
     ):
         self.what = what
+        self._opening = opening
         self._open = open_capture
         self._log = log
         self._on_reconnect = on_reconnect
@@ -149,6 +178,7 @@ class CaptureThread:
         self._thread = threading.Thread(target=self._run, name=f"capture {what}", daemon=True)
 
     def start(self) -> None:
+        quiet_native_logs()
         self._thread.start()
 
     def stop(self, timeout: float) -> None:
@@ -174,6 +204,7 @@ class CaptureThread:
         backoff = self._backoff0
         attempts = 0  # consecutive failed attempts since the last good frame
         first = True
+        opened = False  # the capture opened at least once
         while not self._stopping.is_set():
             reason = ""
             try:
@@ -181,6 +212,7 @@ class CaptureThread:
                     self._on_reconnect()
                 first = False
                 self._cap = self._open()
+                opened = True
                 if attempts:
                     self._log.info("Reconnected to %r after %d attempt(s)", self.what, attempts)
                     self._on_health(None)
@@ -216,10 +248,16 @@ class CaptureThread:
                     self._failure = f"{self.what!r}: gave up after {attempts} failed attempts ({reason})"
                     self._cond.notify_all()
                 return
-            self._on_health(f"lost {self.what!r}: {reason}")
-            self._log.warning(
-                "Lost %r (%s); reconnecting in %g s (attempt %d)", self.what, reason, backoff, attempts
-            )
+            self._on_health(f"{'lost' if opened else 'cannot ' + self._opening} {self.what!r}: {reason}")
+            if opened:
+                self._log.warning(
+                    "Lost %r (%s); reconnecting in %g s (attempt %d)", self.what, reason, backoff, attempts
+                )
+            else:
+                self._log.warning(
+                    "Cannot %s %r (retrying in %g s, attempt %d): %s",
+                    self._opening, self.what, backoff, attempts, reason,
+                )
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 

@@ -158,3 +158,45 @@ def test_sigterm_while_the_server_is_frozen_stops_cleanly_within_10_s(setup):
         assert time.monotonic() - t0 < 10.0
     finally:
         os.kill(server.proc.pid, signal.SIGCONT)
+
+
+def test_camera_unreachable_at_start_says_cannot_connect_and_nothing_else(tmp_path):
+    # Cameras that do not work when the daemon starts: one at an address where nothing listens,
+    # one on a real RTSP server under a wrong path. Each attempt is one line of ours, "Cannot
+    # connect to <url> (retrying in N s, attempt n): <why>", not "Lost" (nothing was ever
+    # received), without the password, and without FFmpeg's and OpenCV's own lines ("[tcp @
+    # 0x...] Connection to tcp://... failed", "[rtsp @ 0x...] method DESCRIBE failed: 404",
+    # "[ WARN:0@...] cap.cpp ...") that used to come with every retry.
+    from helpers.net import free_port
+
+    port = free_port()  # nothing listens there
+    with RtspServer(fps=15) as server:
+        wrong = server.url.replace("rtsp://", "rtsp://admin:s3cret@").rsplit("/", 1)[0] + "/nope"
+        urls = {"gone": f"rtsp://admin:s3cret@127.0.0.1:{port}/stream", "wrong": wrong}
+        stages = {name: {"type": "rtsp", "url": url, "open_timeout": 2, "read_timeout": 2, "backoff": 0.2,
+                         "max_backoff": 0.4} for name, url in urls.items()}
+        stages["fwd"] = {"type": "zmq_push", "inputs": list(urls), "send_timeout": 1,
+                         "connect": f"tcp://127.0.0.1:{free_port()}"}
+        with Daemon({"name": "unreachable", "stages": stages}, tmp_path) as d:
+            d.wait_ready(120)
+            for name in urls:
+                d.wait_for_line(rf"{name}: Cannot connect to .*attempt 5\)", 60)
+            assert d.stop() == 0, d.log
+    why = {"gone": f"127\\.0\\.0\\.1:{port} refused the connection",
+           "wrong": r"the server answers but the stream does not open \(a wrong path, user or password\?\)"}
+    for name, url in urls.items():
+        shown = repr(url.replace(":s3cret@", ":***@"))
+        tries = [line for line in d.lines if f"{name}: " in line and url.split("@")[1] in line]
+        assert len(tries) >= 5, d.log
+        for n, line in enumerate(tries[:5], 1):
+            assert re.search(rf"WARNING\s+{name}: Cannot connect to {re.escape(shown)} \(retrying in [\d.]+ s, "
+                             rf"attempt {n}\): {why[name]}$", line), line
+        waits = [float(re.search(r"retrying in ([\d.]+) s", line).group(1)) for line in tries[:4]]
+        assert waits == [0.2, 0.4, 0.4, 0.4], waits
+        # Every line that names the camera is one of those attempts.
+        about = [line for line in d.lines if url.split("@")[1] in line]
+        assert about == tries, d.log
+    assert not [line for line in d.lines if " Lost " in line], d.log
+    native = re.compile(r"\[\w+ @ 0x[0-9a-f]+\]|\[ ?(WARN|ERROR|INFO):\d+@|cap\.cpp|cap_ffmpeg|OpenCV\(")
+    assert not [line for line in d.lines if native.search(line)], d.log
+    assert "s3cret" not in d.log

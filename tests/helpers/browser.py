@@ -9,20 +9,28 @@ Nothing is downloaded; a missing browser or driver is an error (tests fail, neve
     with Browser() as b:
         b.open("http://127.0.0.1:8080/")
         shot = b.screenshot()        # (H, W, 3) uint8 BGR
+
+    with serve_directory(folder) as base, Browser() as b:
+        state = b.play_video(base + "demo.webm")   # does a <video> element play it?
 """
 
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Dict, Optional
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Union
 
 import cv2
 import numpy as np
@@ -145,6 +153,38 @@ class Browser:
             raise BrowserError("screenshot is not a PNG")
         return image
 
+    def play_video(self, url: str, play_for: float = 1.0, timeout: float = 30.0) -> Dict[str, Any]:
+        """Load ``url`` into a muted ``<video>`` element on a page of the same origin, play it,
+        and report once ``play_for`` seconds have played (or it ended, failed or ``timeout``
+        passed): ``error`` (a MediaError code, None when there is none) and ``message``,
+        ``duration`` (a number, or "Infinity"/"NaN" as text), ``currentTime``, ``videoWidth``,
+        ``videoHeight``, ``readyState``, ``ended``, and ``played`` (seconds actually rendered)."""
+        origin = "/".join(url.split("/", 3)[:3]) + "/"
+        self.open(origin)
+        self.run(
+            "const v = document.createElement('video');"
+            "v.muted = true; v.preload = 'auto'; v.src = arguments[0];"
+            "document.body.appendChild(v); window.__video = v;"
+            "v.play().catch(e => { window.__playError = String(e); });",
+            url,
+        )
+        probe = (
+            "const v = window.__video; let played = 0;"
+            "for (let i = 0; i < v.played.length; i++) played += v.played.end(i) - v.played.start(i);"
+            "return {error: v.error ? v.error.code : null, message: v.error ? v.error.message :"
+            " (window.__playError || ''), duration: isFinite(v.duration) ? v.duration : String(v.duration),"
+            " currentTime: v.currentTime, videoWidth: v.videoWidth, videoHeight: v.videoHeight,"
+            " readyState: v.readyState, ended: v.ended, played: played};"
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            state: Dict[str, Any] = self.run(probe)
+            if state["error"] is not None or state["ended"] or state["currentTime"] >= play_for:
+                return state
+            if time.monotonic() > deadline:
+                return state
+            time.sleep(0.1)
+
     def close(self) -> None:
         if self.session is not None:
             try:
@@ -168,3 +208,24 @@ class Browser:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@contextmanager
+def serve_directory(folder: Union[str, Path]) -> Iterator[str]:
+    """Serve ``folder``'s files over HTTP on 127.0.0.1 (a free port) while the block runs; yields
+    the base URL ending in "/". The standard library's handler, quiet."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="serve_directory", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)

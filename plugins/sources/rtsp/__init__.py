@@ -5,12 +5,20 @@ behind the camera and latency stays bounded however slow the pipeline is. Openin
 have timeouts; a dropped stream is reopened with backoff from 1 s doubling up to 60 s, each
 attempt counted in ``edgepipe_source_reconnects_total``, logged on one line, and reported on
 ``/healthz`` while the stream is gone.
+
+FFmpeg's own lines are silenced (see ``_common.quiet_native_logs``), and with them the reason a
+stream did not open; so each attempt first tries a plain TCP connection to the camera, which
+tells the usual reasons apart in our one line: the name does not resolve, nothing answers, the
+connection is refused, or the server answers and the stream still does not open (a wrong path
+or password). A password in the URL never reaches a log line (:func:`redact`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.parse
 from typing import Optional
 
 from pydantic import Field, field_validator
@@ -45,9 +53,38 @@ class RtspConfig(StageConfig):
         return value
 
 
+# Cameras that take their credentials in the path or query (".../user=admin&password=...").
+_SECRET_PARAMS = re.compile(r"(?i)\b(password|passwd|pwd|pass)=([^&;/?#]*)")
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "rtmp": 1935, "http": 80, "https": 443}
+
+
 def redact(url: str) -> str:
-    """The URL with any password replaced, for logs."""
-    return re.sub(r"://([^:/@]+):[^@/]*@", r"://\1:***@", url)
+    """The URL with any password replaced by ``***``, for logs: ``user:password@`` (up to the
+    last ``@``, since a password may hold ``@`` or ``/``) and ``password=``-style parameters."""
+    url = re.sub(r"://([^:/@]+):.*@", r"://\1:***@", url)
+    return _SECRET_PARAMS.sub(r"\1=***", url)
+
+
+def probe(url: str, timeout: float) -> Optional[str]:
+    """Why a TCP connection to the URL's host and port fails, or None when it connects."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower(), 554)
+    except ValueError:
+        return f"the port in {redact(url)!r} is not a number"
+    where = f"{host}:{port}"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except socket.gaierror:
+        return f"the host name {host!r} does not resolve"
+    except socket.timeout:
+        return f"{where} did not answer within {timeout:g} s"
+    except ConnectionRefusedError:
+        return f"{where} refused the connection"
+    except OSError as exc:
+        return f"{where}: {exc.strerror or exc}"
+    return None
 
 
 class RtspSource(CaptureSource):
@@ -78,6 +115,7 @@ class RtspSource(CaptureSource):
             max_backoff=self.config.max_backoff,
             max_reconnects=self.config.max_reconnects,
             read_timeout=self.config.read_timeout,
+            opening="connect to",
         )
         self._capture.start()
 
@@ -85,6 +123,9 @@ class RtspSource(CaptureSource):
         import cv2
 
         cfg = self.config
+        unreachable = probe(cfg.url, cfg.open_timeout)
+        if unreachable:
+            raise StageError(unreachable)
         params = [
             cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
             int(cfg.open_timeout * 1000),
@@ -94,5 +135,7 @@ class RtspSource(CaptureSource):
         cap = cv2.VideoCapture(cfg.url, cv2.CAP_FFMPEG, params)
         if not cap.isOpened():
             cap.release()
-            raise StageError(f"cannot open {redact(cfg.url)!r}")
+            raise StageError(
+                "the server answers but the stream does not open (a wrong path, user or password?)"
+            )
         return cap
