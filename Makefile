@@ -91,9 +91,7 @@ test: install deps
 # itself with a summary. The variables its header lists pass through (EDGEPIPE_DEMO_FRAMES=...).
 demo: $(VENV)/.stamp-demo
 	@mkdir -p "$${EDGEPIPE_DEMO_DIR:-demo-output}"
-	@echo "Live preview: http://127.0.0.1:$${EDGEPIPE_PREVIEW_PORT:-8080}/"
-	@echo "Detections:   $(VENV)/bin/edgepipe subscribe $${EDGEPIPE_PUB:-tcp://127.0.0.1:5556} --topic detections/"
-	@echo "Files:        $${EDGEPIPE_DEMO_DIR:-demo-output}/detections.jsonl, $${EDGEPIPE_DEMO_DIR:-demo-output}/demo.webm"
+	@echo "Starting the demo; where to look (preview page, detections, files) follows once it is ready."
 	$(VENV)/bin/edgepipe run configs/demo.yaml
 
 bench: install

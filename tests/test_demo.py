@@ -100,6 +100,11 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
         daemon.wait_ready(timeout=180)
         url = daemon.wait_for_line(r"Preview page at (http://\S+)", timeout=5).group(1)
         assert url == f"http://127.0.0.1:{preview_port}/"
+        # Once ready (not before), the daemon says where to look.
+        ready = next(i for i, line in enumerate(daemon.lines) if "Ready: " in line)
+        daemon.wait_for_line(rf"Live preview: http://127\.0\.0\.1:{preview_port}/ \(stage 'preview'\)", 10, ready)
+        daemon.wait_for_line(rf"Detections: {endpoint} \(edgepipe subscribe {endpoint} --topic detections/\)", 10, ready)
+        daemon.wait_for_line(r"Video: .*demo\.webm", 10, ready)
         with urllib.request.urlopen(url, timeout=10) as resp:
             assert resp.status == 200 and "text/html" in resp.headers["Content-Type"]
             assert b"<html" in resp.read().lower()

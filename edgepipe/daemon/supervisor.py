@@ -491,6 +491,9 @@ def run_daemon(pipeline: Pipeline) -> int:
     errors = pipeline.preflight()
     if errors:
         for line in errors:
+            stage = line.split(":", 1)[0][len("stages."):] if line.startswith("stages.") else None
+            if stage in pipeline.specs and "already in use" in line.lower():
+                line += in_use_hint(pipeline, [stage])
             sys.stderr.write(f"edgepipe: error: {line}\n")
         return EXIT_FAILED
     sup = Supervisor(pipeline)

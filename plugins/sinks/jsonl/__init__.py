@@ -17,7 +17,7 @@ import errno
 import os
 import tempfile
 import time
-from typing import IO, ClassVar, List, Optional, Tuple
+from typing import IO, ClassVar, Dict, List, Optional, Tuple
 
 from pydantic import Field
 
@@ -99,6 +99,9 @@ class JsonlSink(DeliveringSink):
             os.replace(self._path, f"{self._path}.1")
             _sync_directory(os.path.dirname(os.path.abspath(self._path)))
         self._open()
+
+    def addresses(self) -> Dict[str, str]:
+        return {"detections file": os.path.abspath(self._path)}
 
     def process(self, frames: List[Frame]) -> None:
         data = b"".join(dumps(detection_message(f)) + b"\n" for f in frames)

@@ -378,6 +378,9 @@ class PreviewSink(DeliveringSink):
             port = self._server.server_address[1]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
+    def addresses(self) -> Dict[str, str]:
+        return {"live preview": self.url}
+
     def _listen(self) -> _Server:
         try:
             return _Server((self.config.host, self.config.port), self)

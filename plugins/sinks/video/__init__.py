@@ -163,6 +163,9 @@ class VideoSink(DeliveringSink):
     def _path_for(self, source: str) -> str:
         return os.path.expanduser(self.config.path.format(source=source, start=self._start))
 
+    def addresses(self) -> Dict[str, str]:
+        return {"video": os.path.abspath(self._path_for("{source}") if "{source}" in self.config.path else self._path_for(""))}
+
     def check(self) -> None:
         path = self._path_for("check")
         folder = os.path.dirname(os.path.abspath(path))

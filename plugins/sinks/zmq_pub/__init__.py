@@ -80,6 +80,10 @@ class ZmqPubSink(DeliveringSink):
         self._next_picture: Dict[str, float] = {}
         self.log.info("Publishing detections on %r", self._endpoint.address)
 
+    def addresses(self) -> Dict[str, str]:
+        where = self._endpoint.address if self._endpoint is not None else self.config.bind
+        return {"detections": f"{where} (edgepipe subscribe {where} --topic detections/)"}
+
     def process(self, frames: List[Frame]) -> None:
         import zmq
 
