@@ -50,7 +50,7 @@ def _describe(info: Dict[str, Any]) -> str:
 
 
 def weights_info(
-    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt)."),
+    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt) or builtin:demo."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     cfg: Optional[str] = typer.Option(None, "--cfg", help=_CFG_HELP),
     nc: Optional[int] = typer.Option(None, "--nc", min=1, help=_NC_HELP),
@@ -77,6 +77,9 @@ def weights_convert(
     """Write a weights file as edgepipe safetensors (fp32, architecture and names in metadata)."""
     from edgepipe.yolo.weights import WeightsError, convert
 
+    if dst.suffix.lower() != ".safetensors":
+        raise _fail(f"OUT {str(dst)!r}: `weights convert` writes edgepipe safetensors, so OUT must end in "
+                    ".safetensors (for ONNX use `edgepipe export`)")
     try:
         model = convert(src, dst, gray=gray, cfg=cfg, nc=nc)
     except WeightsError as exc:
@@ -112,8 +115,11 @@ def export(
                              opset=opset, device=device)
     except (WeightsError, ExportError) as exc:
         raise _fail(str(exc)) from None
-    diff = result["max_abs_diff"]
-    check = "onnxruntime not installed, not checked" if diff is None else f"onnxruntime matches torch (max abs diff {diff:.3g})"
+    from edgepipe.yolo.export import describe_parity
+
+    parity = result["parity"]
+    check = ("onnxruntime not installed, not checked" if parity is None else
+             f"onnxruntime matches torch within {parity['precision']} tolerance: {describe_parity(parity)}")
     shape = "x".join(str(d) for d in result["input_shape"])
     typer.echo(f"Wrote {result['path']}: input images {shape} {result['dtype']}, opset {result['opset']}; {check}")
 
