@@ -56,19 +56,12 @@ def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Di
 
     prepare_process()  # as the yolov5 stage does, before torch loads
     import cv2
-    import numpy as np
-    import torch
 
-    from edgepipe.yolo.backends import create_backend
-    from edgepipe.yolo.model import build_model
-    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes, to_gray
+    from edgepipe.yolo.detector import Detector
 
-    torch.manual_seed(0)  # the stage's weights: null, seed: 0
-    model = build_model(cfg, ch=1).fuse().eval()
-    detector = create_backend(backend, model, (imgsz, imgsz))
-    warm = np.zeros((1, imgsz, imgsz), np.uint8)
-    for _ in range(2):  # the stage's warm-up
-        detector.candidates(warm, CONF)
+    # The stage's weights: null, seed: 0, loaded and warmed up the way the stage does it.
+    detector = Detector.load(cfg=cfg, seed=0, device="cpu", backend=backend, imgsz=imgsz,
+                             conf_thres=CONF, iou_thres=IOU)
     cap = cv2.VideoCapture(video)
     done: List[float] = []
     boxes = 0
@@ -76,16 +69,10 @@ def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Di
         ok, image = cap.read()
         if not ok:
             break
-        gray = to_gray(image)
-        lb, ratio, pad = letterbox(gray, imgsz)
-        rows, _counts = detector.candidates(lb[None], CONF)
-        det = nms_candidates(rows, CONF, IOU)
-        if len(det):
-            scale_boxes(lb.shape, det, gray.shape, ratio_pad=(ratio, pad))
-        boxes += len(det)
+        boxes += len(detector(image))  # gray, letterbox, forward, NMS, boxes in frame pixels
         done.append(time.time())
     cap.release()
-    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "backend": detector.name}
+    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "backend": detector.backend.name}
 
 
 def pipeline_config(video: str, out: str, cfg: str, imgsz: int, backend: str) -> Dict[str, Any]:
@@ -174,37 +161,21 @@ def bare_batched(sources: int, per_source: int, width: int, height: int, cfg: st
     from edgepipe.yolo.backends import prepare_process
 
     prepare_process()
-    import numpy as np
-    import torch
-
     from edgepipe.scenes import SceneStream
-    from edgepipe.yolo.backends import create_backend
-    from edgepipe.yolo.model import build_model
-    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes
+    from edgepipe.yolo.detector import Detector
 
-    torch.manual_seed(0)
-    model = build_model(cfg, ch=1).fuse().eval().to(device)
-    if device.startswith("cuda"):
-        model = model.half()
-    detector = create_backend(backend, model, (imgsz, imgsz))
-    for _ in range(2):
-        detector.candidates(np.zeros((batch, imgsz, imgsz), np.uint8), CONF)
+    detector = Detector.load(cfg=cfg, seed=0, device=device, backend=backend, imgsz=imgsz,
+                             conf_thres=CONF, iou_thres=IOU, max_batch=batch, auto=False)
     scenes = [SceneStream(width, height, seed=i) for i in range(sources)]
     order = [scenes[i % sources] for i in range(sources * per_source)]
     done, t_first = 0, 0.0
     for start in range(0, len(order), batch):
-        letterboxed = [letterbox(s.next()[0], imgsz, auto=False) for s in order[start : start + batch]]
-        rows, counts = detector.candidates(np.stack([lb[0] for lb in letterboxed]), CONF)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        for j, (img, ratio, pad) in enumerate(letterboxed):
-            det = nms_candidates(rows[offsets[j] : offsets[j + 1]], CONF, IOU)
-            if len(det):
-                scale_boxes(img.shape, det, (height, width), ratio_pad=(ratio, pad))
+        detector([s.next()[0] for s in order[start : start + batch]])  # one batch of one shape
         if start == 0:
             t_first = time.time()
         else:
-            done += len(letterboxed)
-    return {"fps": done / (time.time() - t_first), "frames": len(order), "backend": detector.name}
+            done += min(batch, len(order) - start)
+    return {"fps": done / (time.time() - t_first), "frames": len(order), "backend": detector.backend.name}
 
 
 def multi_source_config(out: str, sources: int, per_source: int, width: int, height: int, cfg: str,
