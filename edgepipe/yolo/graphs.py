@@ -7,12 +7,12 @@ launches them all with one call. So :class:`GraphCache` keeps one graph per key 
 height, width) with its static input (uint8 (B, H, W) on the device, which the pinned host buffer
 is copied into) and its static output (the model's (B, N, 5+nc)):
 
-- a graph is captured on the first batch of its key, up to ``max_graphs``; past that the least
-  recently used one is dropped (each holds its own activations' memory);
-- a partial batch (fewer images than a captured size of the same height and width) is either
-  padded to the smallest captured size that holds it (``pad``: the stale rows of the static input
-  are computed and ignored) or run eagerly (``eager``); ``pad`` is the default because a replayed
-  graph of 8 costs less than an eager pass of 1 (3000 vs 200 images/s above);
+- batch sizes are captured as powers of two (1, 2, 4, 8, ...), each on the first batch that
+  needs it, up to ``max_graphs`` graphs; past that the least recently used one is dropped (each
+  holds its own activations' memory);
+- a batch between those sizes is either padded to the next one (``pad``: the stale rows of the
+  static input are computed and ignored) or run eagerly (``eager``); ``pad`` is the default
+  because a replayed graph of 8 costs less than an eager pass of 1 (3000 vs 200 images/s above);
 - a capture that fails (an operator that cannot be captured, memory) is logged once and that key
   runs eagerly from then on; :meth:`GraphCache.check` compares graph and eager outputs on the
   warm-up batch once at start-up and turns graphs off (one log line) when they differ by more
@@ -29,12 +29,20 @@ import logging
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["CudaGraphRuntime", "GraphCache", "GraphError", "PAD_POLICIES", "outputs_close"]
+__all__ = ["CudaGraphRuntime", "GraphCache", "GraphError", "PAD_POLICIES", "bucket", "outputs_close"]
 
 log = logging.getLogger(__name__)
 
 PAD_POLICIES = ("pad", "eager")
 Key = Tuple[int, int, int]  # (batch, height, width)
+
+
+def bucket(batch: int) -> int:
+    """The captured batch size that holds ``batch`` images: the next power of two."""
+    size = 1
+    while size < batch:
+        size *= 2
+    return size
 
 
 class GraphError(RuntimeError):
@@ -112,19 +120,20 @@ class GraphCache:
         self.padded_runs = 0
 
     def _slot(self, key: Key) -> Optional[Key]:
-        """The captured key to run a batch of ``key`` on, capturing it when there is none."""
-        if key in self.graphs:
-            return key
+        """The key of the graph to run a batch of ``key`` on (captured now if need be), or None
+        to run it eagerly."""
         b, h, w = key
         if self.pad == "pad":
-            bigger = sorted(k for k in self.graphs if k[1:] == (h, w) and k[0] > b)
-            if bigger:
-                return bigger[0]
-        elif any(k[1:] == (h, w) and k[0] > b for k in self.graphs):
-            return None  # 'eager': a partial batch is not worth a graph of its own
-        if key in self.failed:
+            slot: Key = (bucket(b), h, w)
+        elif b == bucket(b):
+            slot = key
+        else:
+            return None  # 'eager': a batch between the captured sizes runs as it is
+        if slot in self.graphs:
+            return slot
+        if slot in self.failed:
             return None
-        return key if self.capture(key) else None
+        return slot if self.capture(slot) else None
 
     def capture(self, key: Key) -> bool:
         """Capture the graph of ``key`` (evicting the least recently used one when full); False,
