@@ -15,7 +15,14 @@ import pytest
 import torch
 
 from edgepipe.scenes import CLASSES, render_scene
-from edgepipe.yolo import Detector, DetectorError, letterbox, load_model, non_max_suppression, scale_boxes
+from edgepipe.yolo import (
+    Detector,
+    DetectorError,
+    letterbox,
+    load_model,
+    non_max_suppression,
+    scale_boxes,
+)
 from edgepipe.yolo.backends import TorchBackend
 from edgepipe.yolo.graphs import GraphCache
 from edgepipe.yolo.model import build_model

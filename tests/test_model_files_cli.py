@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from helpers.yolo import randomize
 
 from edgepipe.scenes import render_scene
@@ -119,8 +118,9 @@ def test_exported_onnx_runs_in_detect_and_as_stage_weights(small, scene_png, tmp
         assert same, (a, left)
         left.remove(same[0])
 
-    from edgepipe.stage import StageContext
     from edgepipe_plugins.processors.yolov5 import YoloV5Config, YoloV5Stage
+
+    from edgepipe.stage import StageContext
 
     stage = YoloV5Stage(YoloV5Config(inputs=["prep"], weights=str(onnx_path), device="cpu", imgsz=[256, 320],
                                      backend="onnxruntime", conf_thres=0.05), StageContext("onnx"))

@@ -1,4 +1,4 @@
-"""`edgepipe weights convert|info` and `edgepipe export`: the model owner's commands.
+"""`edgepipe weights convert|info`, `edgepipe export` and `edgepipe quantize`: the model owner's commands.
 
 They turn whatever a model owner brings (a reference ``best.pt``, an RGB checkpoint, a state
 dict) into edgepipe's safetensors format, say what a weights file holds, and export ONNX. torch
@@ -124,9 +124,41 @@ def export(
     typer.echo(f"Wrote {result['path']}: input images {shape} {result['dtype']}, opset {result['opset']}; {check}")
 
 
+def quantize(
+    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt) or builtin:demo."),
+    calib: Path = typer.Option(..., "--calib", help="Folder of your own frames (images): calibration, and every --holdout-th one for the gate."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The int8 .onnx to write (default: WEIGHTS-int8.onnx)."),
+    imgsz: str = typer.Option("640", "--imgsz", help="Input size: 640 or H,W (multiples of 32), as the pipeline letterboxes."),
+    holdout: int = typer.Option(5, "--holdout", min=0, help="Every Nth frame is held out of calibration for the gate (0: none)."),
+    scenes: int = typer.Option(100, "--scenes", min=8, help="Held-out generated scenes for the demo model's mAP gate."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", help=_CFG_HELP),
+) -> None:
+    """Quantize a model to int8 on your frames; written only if the accuracy gate accepts it."""
+    from edgepipe.yolo.export import ExportError, parse_imgsz
+    from edgepipe.yolo.quantize import QuantizeError
+    from edgepipe.yolo.quantize import quantize as run_quantize
+
+    name = str(weights)
+    if output is None:
+        stem = name[len("builtin:"):] if name.startswith("builtin:") else str(weights.with_suffix(""))
+        output = Path(f"{stem}-int8.onnx")
+    if output.suffix.lower() != ".onnx":
+        raise _fail(f"--output {str(output)!r}: the quantized model is ONNX, so it must end in .onnx")
+    try:
+        size = parse_imgsz(imgsz)
+        done = run_quantize(name, str(calib), str(output), size, holdout, scenes, cfg)
+    except (QuantizeError, ExportError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"Calibrated on {done['calibration']} of {done['frames']} frames in {calib}; {done['held_out']} held out")
+    for engine, result in done["results"].items():
+        typer.echo(f"Gate ({engine}): {result.describe()}: accepted")
+    typer.echo(f"Wrote {output}: int8, input {size[1]}x{size[0]} uint8; use it as weights: {output}")
+
+
 def register(app: typer.Typer) -> None:
     weights_app = typer.Typer(help="Inspect and convert YOLOv5 weights files.", no_args_is_help=True)
     weights_app.command("info")(weights_info)
     weights_app.command("convert")(weights_convert)
     app.add_typer(weights_app, name="weights")
     app.command("export")(export)
+    app.command("quantize")(quantize)
