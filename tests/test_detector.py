@@ -218,3 +218,26 @@ def test_cuda_graphs_match_eager_and_pad_partial_batches():
         assert abs(int(counts.sum()) - int(ref_counts.sum())) <= max(2, int(ref_counts.sum()) // 50)
     assert graphs.stats()["padded"] >= 1 and graphs.stats()["failed"] == 0
     assert "CUDA graphs on (match eager)" in det.choice.describe()
+
+
+def test_the_yolo_library_knows_nothing_of_the_daemon_and_plugins_import_no_sibling():
+    """One Detector for every caller only helps if it stays a library: no stage, worker,
+    supervisor, config or metrics import under edgepipe/yolo, and no plugin importing another."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    daemon = ("edgepipe.stage", "edgepipe.worker", "edgepipe.supervisor", "edgepipe.metrics", "edgepipe.config",
+              "edgepipe_plugins")
+    for path in (root / "edgepipe" / "yolo").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not [n for n in names if n.startswith(daemon)], (path.name, names)
+    for path in (root / "plugins").glob("*/*/__init__.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module in ("_common", None) or node.module.startswith("_"), (path, node.module)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                assert (path.parent / f"{node.module.split('.')[0]}.py").exists() or \
+                    (path.parent / node.module.split(".")[0]).is_dir(), (path, node.module)

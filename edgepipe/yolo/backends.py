@@ -496,11 +496,20 @@ class OpenVinoBackend(Backend):
         self._compiled[shape] = request
         return request
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
+    def _infer(self, batch: np.ndarray) -> np.ndarray:
+        """The output as a view of the request's buffer (overwritten by its next call)."""
         x = self.onnx.feed(batch)
         request = self.compile(tuple(x.shape))
         request.infer({0: x})
         return np.asarray(request.get_output_tensor(0).data, np.float32)
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        return self._infer(batch).copy()
+
+    def _candidates(self, batch: np.ndarray, conf_thres: float) -> Tuple[np.ndarray, np.ndarray]:
+        pred = self._infer(batch)  # the mask copies the few rows kept out of the buffer
+        rows, counts = _split(pred, pred[..., 4] > conf_thres)
+        return np.ascontiguousarray(rows, np.float32), counts.astype(np.int64)
 
 
 def _cpu_fp32(model: Any) -> bool:

@@ -21,15 +21,9 @@ from pydantic import Field, field_validator, model_validator
 from edgepipe.messages import Frame
 from edgepipe.stage import Processor, StageConfig
 
+from .._common import parse_imgsz
+
 __all__ = ["LetterboxConfig", "LetterboxStage", "parse_imgsz"]
-
-
-def parse_imgsz(value: Union[int, List[int]], stride: int = 32) -> Tuple[int, int]:
-    """``imgsz`` as (h, w): an int is square; [h, w] as given. ValueError if not a stride multiple."""
-    h, w = (value, value) if isinstance(value, int) else (value[0], value[1])
-    if h % stride or w % stride:
-        raise ValueError(f"imgsz {value} must be a multiple of the stride {stride}")
-    return h, w
 
 
 class LetterboxConfig(StageConfig):

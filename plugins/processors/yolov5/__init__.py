@@ -38,8 +38,7 @@ from edgepipe.messages import Frame
 from edgepipe.stage import Processor, StageConfig, StageError
 from edgepipe.yolo.builtin import WeightsRef, check_weights_readable
 
-from .._common import only_changed
-from ..letterbox import parse_imgsz
+from .._common import only_changed, parse_imgsz
 
 __all__ = ["YoloV5Config", "YoloV5Stage"]
 
