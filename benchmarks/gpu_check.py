@@ -97,7 +97,7 @@ def _parts(dry: bool) -> Dict[str, Callable[[Path], Dict[str, Any]]]:
 
     def sources8(tmp: Path) -> Dict[str, Any]:
         got = cheap_sources(tmp / "sources8", device, sources=2 if dry else 8, per_source=6 if dry else 400,
-                            width=64 if dry else 320, height=48 if dry else 240, cfg=cfg, imgsz=imgsz,
+                            width=64 if dry else 160, height=48 if dry else 120, cfg=cfg, imgsz=imgsz,
                             batch=2 if dry else 8)
         return {"figures": _daemon_figures("sources8", got), "detector": got["detector"]}
 
