@@ -26,7 +26,6 @@ with a stand-in runtime that records the function and re-runs it on replay.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = ["CudaGraphRuntime", "GraphCache", "GraphError", "PAD_POLICIES", "bucket", "outputs_close"]
@@ -111,7 +110,8 @@ class GraphCache:
         self.half = half
         self.log = logger or log
         self.enabled = True
-        self.graphs: OrderedDict[Key, Tuple[Any, Callable[[], None], Any]] = OrderedDict()
+        # key -> (static input, replay, static output), least recently used first (dicts keep order)
+        self.graphs: Dict[Key, Tuple[Any, Callable[[], None], Any]] = {}
         self.failed: Dict[Key, str] = {}  # keys whose capture failed: eager from then on
         self.captures = 0
         self.evictions = 0
@@ -141,7 +141,8 @@ class GraphCache:
         if key in self.graphs:
             return True
         while len(self.graphs) >= self.max_graphs:
-            old, _ = self.graphs.popitem(last=False)
+            old = next(iter(self.graphs))
+            del self.graphs[old]
             self.evictions += 1
             self.log.info("CUDA graph cache full (%d): dropped batch %d at %dx%d", self.max_graphs, old[0], old[2], old[1])
         try:
@@ -165,7 +166,7 @@ class GraphCache:
             self.eager_runs += 1
             return self.forward(x.to(self.device, non_blocking=True))
         static_in, replay, static_out = self.graphs[slot]
-        self.graphs.move_to_end(slot)
+        self.graphs[slot] = self.graphs.pop(slot)  # now the most recently used
         static_in[: key[0]].copy_(x, non_blocking=True)
         replay()
         self.replays += 1
