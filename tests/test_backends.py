@@ -132,7 +132,7 @@ def test_openvino_matches_torch_in_fp32_compiles_per_shape_and_runs_bf16_close(m
 
     onnx = onnx_from_model(model, (64, 96))
     ov = create_backend("openvino", model, (64, 96), precision="fp32")
-    assert isinstance(ov, OpenVinoBackend) and ov.describe() == "openvino fp32 on openvino:CPU"
+    assert isinstance(ov, OpenVinoBackend) and ov.describe() == "openvino fp32 on cpu"
     for batch, h, w in ((1, 64, 96), (2, 96, 64), (1, 64, 96)):
         x = images(batch, h, w, seed=batch + h)
         ref = reference(model, x)

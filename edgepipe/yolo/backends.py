@@ -453,7 +453,8 @@ class OpenVinoBackend(Backend):
         if device.split(".")[0] not in ("AUTO",) and device not in self.core.available_devices:
             raise BackendError(f"OpenVINO device {device!r} is not present here (present: {', '.join(self.core.available_devices)})")
         self.onnx = model
-        self.device = f"openvino:{device}"
+        # The CPU is the CPU whichever engine runs on it; an Intel GPU/NPU is OpenVINO's own.
+        self.device = "cpu" if device == "CPU" else f"openvino:{device}"
         self.ov_device = device
         self.precision = model.precision if model.precision in ("int8", "fp16") else (precision or "fp32")
         if self.precision == "bf16" and device == "CPU" and not cpu_has_bf16(device):

@@ -63,7 +63,11 @@ def _torch_model(weights: Optional[str], path: Any, cfg: Optional[str], seed: in
         raise DetectorError("half: true needs a CUDA device; fp16 on the CPU is slower than fp32 and not supported")
     try:
         if weights is not None:
-            model = load_model(path, device=dev, fuse=True, half=half, cfg=cfg)
+            try:
+                model = load_model(path, device=dev, fuse=True, half=half, cfg=cfg)
+            except (WeightsError, OSError) as exc:
+                text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DetectorError(f"cannot load weights {weights!r}: {text}") from None
             return model, os.path.basename(str(weights)), cuda
         if cfg is None:
             raise DetectorError("no model: give weights (or cfg for an untrained model)")
@@ -141,8 +145,24 @@ class _Selector:
         else:
             best = next(iter(candidates))
         b = candidates[best]
+        for shape in _camera_shapes(self.imgsz, self.stride) if b.fixed_shape is None else []:
+            b.candidates(np.full((1, *shape), 114, np.uint8), 0.25)  # compiled and allocated now, not on frame 1
         choice = Choice(b.describe(), b.precision, reason.get(best, ""), ms, list(self.gates))
         return self.detector(b, model=model, choice=choice)
+
+
+def _camera_shapes(imgsz: Tuple[int, int], stride: int) -> List[Tuple[int, int]]:
+    """The shapes the letterbox stage (minimal padding) makes of 16:9 and 4:3 camera frames at
+    ``imgsz``: a new shape costs OpenVINO a compile and any engine its first allocations, which
+    belong before the worker reports ready, not on the first frame."""
+    from edgepipe.yolo.ops import letterbox
+
+    shapes = []
+    for w, h in ((1280, 720), (640, 480)):
+        shape = letterbox(np.zeros((h, w), np.uint8), imgsz, stride=stride, auto=True)[0].shape
+        if shape != tuple(imgsz) and shape not in shapes:
+            shapes.append((int(shape[0]), int(shape[1])))
+    return shapes
 
 
 def load_for_detector(cls: Any, weights: Optional[str], *, cfg: Optional[str], seed: int, device: str,
@@ -183,9 +203,11 @@ def _cuda(sel: _Selector, model: Any, backend: str, threads: Optional[int], grap
     b = TorchBackend(model, threads, graphs=graphs, graph_pad=pad, max_graphs=max_graphs, logger=logger)
     if channels_last:
         b.use_channels_last()
-    h, w = sel.imgsz
+    from edgepipe.yolo.evaluation import gate_scenes
+
     batch = int(sel.options.get("max_batch", 8))
-    warm = np.full((batch, h, w), 114, np.uint8)
+    scenes = gate_scenes(sel.imgsz, n=min(batch, 4))[0]  # pictures, not a blank: a fair parity check
+    warm = np.stack([scenes[i % len(scenes)] for i in range(batch)])
     reason = f"{b.precision} on CUDA"
     if graphs:
         ok = b.check_graphs(warm)  # captures batch max_batch and compares it with eager
