@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple, Type
 
 import yaml
@@ -38,6 +39,7 @@ __all__ = [
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
+_LISTEN_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$")
 
 
 class ConfigError(Exception):
@@ -56,21 +58,28 @@ class MetricsConfig(BaseModel):
     enabled: bool = Field(True, description="Serve /metrics and /healthz.")
     listen: str = Field(
         "127.0.0.1:9310",
-        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]*):[0-9]{1,5}$",
         description="HOST:PORT to listen on; loopback by default, port 0 picks a free one.",
     )
     auth: Optional[str] = Field(
         None,
-        pattern=r"^[^:]+:.+$",
         description="'user:password' to require HTTP basic auth (use ${VAR} to keep it out of the file).",
     )
 
     @field_validator("listen")
     @classmethod
-    def _port_in_range(cls, value: str) -> str:
+    def _host_port(cls, value: str) -> str:
+        if not _LISTEN_RE.match(value):
+            raise ValueError("expected HOST:PORT, such as 127.0.0.1:9310, [::1]:9310 or :9310 (all addresses)")
         port = int(value.rsplit(":", 1)[1])
         if port > 65535:
             raise ValueError(f"port {port} is out of range (0-65535, 0 picks a free one)")
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _user_password(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not re.match(r"^[^:]+:.+$", value):
+            raise ValueError("expected user:password")
         return value
 
 
@@ -160,16 +169,12 @@ class Pipeline:
         """Stages that list ``name`` among their inputs, in config order."""
         return [n for n, s in self.stages.items() if name in s.inputs]
 
+    def upstream(self, name: str) -> Set[str]:
+        """Every stage ``name`` takes input from, directly or through others."""
+        return _upstream(self, name)
+
     def upstream_sources(self, name: str) -> Set[str]:
-        seen: Set[str] = set()
-        todo = [name]
-        while todo:
-            n = todo.pop()
-            for i in self.stages[n].inputs:
-                if i not in seen:
-                    seen.add(i)
-                    todo.append(i)
-        return {n for n in seen if self.kind(n) == "source"}
+        return {n for n in self.upstream(name) if self.kind(n) == "source"}
 
     def flow_order(self) -> List[str]:
         """Stage names with every stage after its inputs (config order otherwise)."""
@@ -188,32 +193,58 @@ _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
 
 
 def interpolate(value: Any, env: Mapping[str, str], path: str, errors: List[str]) -> Any:
-    """``${VAR}``/``${VAR:-default}`` in every string of a parsed YAML tree (keys untouched)."""
-    if isinstance(value, dict):
-        return {k: interpolate(v, env, f"{path}.{k}" if path else str(k), errors) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env, f"{path}[{i}]", errors) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "$" not in value:
-        return value
+    """``${VAR}``/``${VAR:-default}`` in every string of a parsed YAML tree (keys untouched).
 
-    def sub(m: re.Match) -> str:
+    A YAML alias makes a node appear at several places: it is interpolated once (the copies
+    stay shared). An alias that refers to a node holding it (a cycle) is a ConfigError naming
+    the path where it closes the loop."""
+    return _Interpolator(env, errors).walk(value, path)
+
+
+class _Interpolator:
+    def __init__(self, env: Mapping[str, str], errors: List[str]) -> None:
+        self.env = env
+        self.errors = errors
+        self.done: Dict[int, Any] = {}  # id of a container already walked -> its result
+        self.active: Set[int] = set()  # containers on the path being walked (cycle check)
+
+    def walk(self, value: Any, path: str) -> Any:
+        if isinstance(value, (dict, list)):
+            key = id(value)
+            if key in self.active:
+                raise ConfigError([f"{path or 'config'}: a YAML alias refers to a node that holds it (a cycle)"])
+            if key in self.done:
+                return self.done[key]
+            self.active.add(key)
+            try:
+                if isinstance(value, dict):
+                    out: Any = {k: self.walk(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+                else:
+                    out = [self.walk(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            finally:
+                self.active.discard(key)
+            self.done[key] = out
+            return out
+        if not isinstance(value, str) or "$" not in value:
+            return value
+        return _VAR.sub(lambda m: self.sub(m, value, path), value)
+
+    def sub(self, m: re.Match, value: str, path: str) -> str:
         if m.group(0) == "$${":
             return "${"
         if m.group(0) == "${":
-            errors.append(
+            self.errors.append(
                 f"{path}: malformed variable reference in {value!r}: expected ${{NAME}} or "
                 "${NAME:-default} (write $${ for a literal ${)"
             )
             return m.group(0)
         name, default = m.group(1), m.group(2)
-        if name in env:
-            return env[name]
+        if name in self.env:
+            return self.env[name]
         if default is not None:
             return default
-        errors.append(f"{path}: environment variable {name!r} is not set (in {value!r})")
+        self.errors.append(f"{path}: environment variable {name!r} is not set (in {value!r})")
         return m.group(0)
-
-    return _VAR.sub(sub, value)
 
 
 def _loc(loc: Tuple[Any, ...]) -> str:
@@ -242,6 +273,8 @@ def format_validation_error(exc: ValidationError, prefix: str = "", drop: Option
             lines.append(f"{path}: required key missing")
             continue
         value = err.get("input")
+        if typ == "string_pattern_mismatch":
+            msg = _pattern_message(str((err.get("ctx") or {}).get("pattern", "")))
         if typ == "value_error" and isinstance(value, dict):
             # A model validator's error: its input is the whole mapping, too long to echo; when
             # it starts by naming one of the keys ("bind: refusing ..."), that key is the path.
@@ -250,11 +283,35 @@ def format_validation_error(exc: ValidationError, prefix: str = "", drop: Option
                 path, msg = f"{path}.{key}" if path else key, rest
             lines.append(f"{path}: {msg}")
             continue
-        got = repr(value)
-        if len(got) > 80:
-            got = got[:77] + "..."
-        lines.append(f"{path}: {msg} (got {got})")
+        got = _short_repr(value)
+        if f"got {got}" in msg:  # the validator already says what it got
+            lines.append(f"{path}: {msg}")
+        else:
+            lines.append(f"{path}: {msg} (got {got})")
     return lines
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 200  # cut below anyway; bounded for huge nested values
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 20
+
+
+def _short_repr(value: Any) -> str:
+    try:
+        got = _REPR.repr(value)
+    except Exception:  # a value whose repr fails: say what it is
+        got = f"<{type(value).__name__}>"
+    return got if len(got) <= 80 else got[:77] + "..."
+
+
+def _pattern_message(pattern: str) -> str:
+    """A regular expression a value failed, said in words: ``^(latest|block)$`` is "expected one
+    of latest, block"; anything else "does not have the expected form" (the field's description,
+    in `edgepipe schema config`, says which)."""
+    m = re.fullmatch(r"\^\(([A-Za-z0-9_|.-]+)\)\$", pattern)
+    if m:
+        return "expected one of " + ", ".join(m.group(1).split("|"))
+    return "does not have the expected form (see `edgepipe schema config` for this setting)"
 
 
 def parse_config(
@@ -263,7 +320,39 @@ def parse_config(
     env: Optional[Mapping[str, str]] = None,
     path: Optional[str] = None,
 ) -> Pipeline:
-    """Validate a parsed YAML tree; ConfigError with every problem found."""
+    """Validate a parsed YAML tree; ConfigError with every problem found, one line per cause:
+    a setting whose ``${VAR}`` could not be interpolated is not reported again for the
+    placeholder left in its value."""
+    try:
+        return _parse_config(data, registry, env, path)
+    except ConfigError as exc:
+        raise ConfigError(_first_causes(exc.errors)) from None
+    except RecursionError:
+        raise ConfigError([f"{path or 'config'}: nested too deeply to be a pipeline config"]) from None
+    except Exception as exc:  # a validator or plugin bug must still be one line, never a traceback
+        raise ConfigError([f"{path or 'config'}: cannot be loaded: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"]) from None
+
+
+def _first_causes(errors: List[str]) -> List[str]:
+    unset = [e.split(": ", 1)[0] for e in errors if _INTERPOLATION_ERROR.search(e)]
+    out = []
+    for e in errors:
+        where = e.split(": ", 1)[0]
+        if not _INTERPOLATION_ERROR.search(e) and any(where == u or where.startswith(u + ".") for u in unset):
+            continue
+        out.append(e)
+    return out
+
+
+_INTERPOLATION_ERROR = re.compile(r"^[^:]*: (environment variable '.*' is not set|malformed variable reference)")
+
+
+def _parse_config(
+    data: Any,
+    registry: Optional[Registry],
+    env: Optional[Mapping[str, str]],
+    path: Optional[str],
+) -> Pipeline:
     registry = registry or Registry.discover()
     env = os.environ if env is None else env
     errors: List[str] = list(registry.conflicts)
@@ -337,6 +426,9 @@ def parse_config(
         raise ConfigError(errors)
     pipeline = Pipeline(config, types, classes, instances, settings, path)
     errors += check_graph(pipeline)
+    if errors:
+        raise ConfigError(errors)
+    errors += check_upstream(pipeline)
     if errors:
         raise ConfigError(errors)
     carry_originals(pipeline)
@@ -434,6 +526,31 @@ def check_graph(p: Pipeline) -> List[str]:
     return errors
 
 
+def check_upstream(p: Pipeline) -> List[str]:
+    """Each stage's :meth:`Stage.check_upstream` against the stages it takes input from."""
+    errors: List[str] = []
+    order = p.flow_order()
+    for name in order:
+        above = p.upstream(name)
+        upstream = {n: p.instances[n] for n in order if n in above}
+        try:
+            p.instances[name].check_upstream(upstream)
+        except ValueError as exc:
+            errors.append(f"stages.{name}: {' '.join(str(exc).split())}")
+    return errors
+
+
+def _upstream(p: Pipeline, name: str) -> Set[str]:
+    seen: Set[str] = set()
+    todo = list(p.stages[name].inputs)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(p.stages[n].inputs)
+    return seen
+
+
 def _is_live(stage: Stage) -> bool:
     return bool(getattr(stage, "live", True))
 
@@ -485,12 +602,31 @@ def _topological(p: Pipeline) -> List[str]:
 def load_config(
     path: str, registry: Optional[Registry] = None, env: Optional[Mapping[str, str]] = None
 ) -> Pipeline:
-    """Read, parse and validate a config file; ConfigError (one line per problem) otherwise."""
+    """Read, parse and validate a config file; ConfigError (one line per problem) otherwise.
+    No input, however broken or hostile, ends in another exception."""
+    try:
+        return _load_config(path, registry, env)
+    except ConfigError:
+        raise
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to be a pipeline config"]) from None
+    except Exception as exc:  # never a traceback for a file a user wrote
+        raise ConfigError([f"{path}: cannot be loaded: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}"]) from None
+
+
+MAX_VALUES = 1_000_000
+"""The most values a config may expand to through YAML aliases: a real one has a few hundred; a
+few lines of nested aliases can stand for billions ("billion laughs")."""
+
+
+def _load_config(path: str, registry: Optional[Registry], env: Optional[Mapping[str, str]]) -> Pipeline:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     try:
         # yaml.safe_load in two steps, to see the nodes: it keeps a repeated key's last value.
         loader = yaml.SafeLoader(text)
@@ -506,10 +642,39 @@ def load_config(
         raise ConfigError([f"{where}: invalid YAML: {' '.join(str(problem).split())}"]) from None
     if data is None:
         raise ConfigError([f"{path}: the file is empty"])
+    if _expanded_size(data, MAX_VALUES) > MAX_VALUES:
+        raise ConfigError([
+            f"{path}: expands to more than {MAX_VALUES} values through YAML aliases; "
+            "a pipeline config is far smaller"
+        ])
     duplicates = _duplicate_keys(node, "", set())
     if duplicates:
         raise ConfigError(duplicates)
     return parse_config(data, registry, env, path=os.path.abspath(path))
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with every alias expanded (a shared node counts each time
+    it appears), without expanding anything; stops counting past ``limit``. Cycles count once
+    here (the interpolation step names them)."""
+    sizes: Dict[int, int] = {}
+
+    def size(value: Any) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        key = id(value)
+        if key in sizes:
+            return sizes[key]
+        sizes[key] = 1  # on the path: a cycle back to it counts 1
+        total = 1
+        for item in (value.values() if isinstance(value, dict) else value):
+            total += size(item)
+            if total > limit:
+                break
+        sizes[key] = total
+        return total
+
+    return size(data)
 
 
 def _duplicate_keys(node: Any, path: str, seen_nodes: Set[int]) -> List[str]:

@@ -5,7 +5,7 @@ A frame crosses a process boundary as one ZeroMQ multipart message::
     [header, payload_0, payload_1, ...]
 
 ``header`` is msgpack: ``{"v": 1, "source", "frame_id", "timestamp", "width", "height", "ratio",
-"pad", "names", "timing", "meta", "arrays": [[field, dtype, shape], ...]}``; each payload is the
+"pad", "names", "timing", "meta", "events", "arrays": [[field, dtype, shape], ...]}``; each payload is the
 raw C-contiguous bytes of one ndarray, sent without copying and received as a read-only view of
 the ZeroMQ buffer (no copy either). An end-of-stream marker is a single part header
 ``{"v": 1, "eos": true, "source": ...}``.
@@ -33,6 +33,7 @@ import numpy as np
 __all__ = [
     "ARRAY_FIELDS",
     "DETECTIONS_SCHEMA",
+    "PICTURE_FIELDS",
     "EndMarker",
     "Frame",
     "MessageError",
@@ -40,6 +41,8 @@ __all__ = [
     "detection_message",
     "encode",
     "encode_eos",
+    "frame_problem",
+    "picture_problem",
 ]
 
 WIRE_VERSION = 1
@@ -47,6 +50,9 @@ DETECTIONS_SCHEMA = "edgepipe.detections/v1"
 
 # The ndarray fields of a Frame, and the dtypes the wire accepts for them.
 ARRAY_FIELDS = ("image", "original", "candidates", "detections")
+# The fields holding pictures: 8-bit gray (H, W) or (H, W, C) with 1, 3 or 4 channels, nothing else
+# (a float or 16-bit picture would go through the detector as plausible nonsense).
+PICTURE_FIELDS = ("image", "original")
 _DTYPES = {"uint8", "uint16", "float16", "float32", "float64", "int32", "int64"}
 _MIN_NDIM = 2  # every array field is at least (rows, columns): images (H, W[, C]), boxes (n, k)
 _MAX_NDIM = 4
@@ -74,6 +80,9 @@ class Frame:
     names: Optional[List[str]] = None  # class names of the model that produced candidates
     timing: Dict[str, float] = field(default_factory=dict)  # stage name -> seconds spent on it
     meta: Dict[str, Any] = field(default_factory=dict)  # json-able extras: file, truth, ...
+    # Event messages raised while this frame passed (json-able maps, each a whole message for the
+    # ``events/<source>`` topic); sinks that publish events send them, others ignore them.
+    events: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.image is not None and not self.width:
@@ -99,7 +108,7 @@ def encode(frame: Frame) -> List[Any]:
             arr = np.ascontiguousarray(arr)
         arrays.append([name, arr.dtype.name, list(arr.shape)])
         parts.append(memoryview(arr).cast("B") if arr.size else b"")
-    header = {
+    header: Dict[str, Any] = {
         "v": WIRE_VERSION,
         "source": frame.source,
         "frame_id": int(frame.frame_id),
@@ -113,6 +122,8 @@ def encode(frame: Frame) -> List[Any]:
         "meta": frame.meta,
         "arrays": arrays,
     }
+    if frame.events:
+        header["events"] = frame.events
     parts[0] = msgpack.packb(header, use_bin_type=True)
     return parts
 
@@ -182,6 +193,9 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
     meta = header.get("meta") or {}
     if not isinstance(timing, dict) or not isinstance(meta, dict):
         raise MessageError("header 'timing' and 'meta' must be maps")
+    events = header.get("events") or []
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise MessageError("header 'events' must be a list of maps")
     specs = header.get("arrays")
     if not isinstance(specs, list):
         raise MessageError("header 'arrays' must be a list")
@@ -203,6 +217,9 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape)
         ):
             raise MessageError(f"array {name!r} has a bad shape {shape!r:.60}")
+        problem = picture_problem(name, dtype, shape)
+        if problem:
+            raise MessageError(problem)
         buf = _buffer(part)
         expected = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
         if buf.nbytes != expected:
@@ -224,8 +241,37 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         names=names,
         timing={str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))},
         meta=meta,
+        events=events,
         **arrays,
     )
+
+
+def picture_problem(field: str, dtype: str, shape: Sequence[int]) -> Optional[str]:
+    """Why an array cannot be the picture ``field`` of a frame (one line), or None: pictures are
+    uint8, (H, W) or (H, W, C) with C in 1, 3, 4. Other fields are not pictures: None."""
+    if field not in PICTURE_FIELDS:
+        return None
+    if dtype != "uint8":
+        return (
+            f"{field} is {dtype}; pictures are 8-bit (uint8): convert 16-bit or float images "
+            "before sending them (16-bit thermal input is not supported yet)"
+        )
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (1, 3, 4))):
+        return f"{field} has shape {tuple(shape)}; a picture is (H, W) or (H, W, C) with 1, 3 or 4 channels"
+    return None
+
+
+def frame_problem(frame: Frame) -> Optional[str]:
+    """:func:`picture_problem` for a frame's pictures (a source's output is checked with it)."""
+    for name in PICTURE_FIELDS:
+        arr = getattr(frame, name)
+        if arr is not None:
+            if not isinstance(arr, np.ndarray):
+                return f"{name} is a {type(arr).__name__}, not a numpy array"
+            problem = picture_problem(name, arr.dtype.name, arr.shape)
+            if problem:
+                return f"frame {frame.source}/{frame.frame_id}: {problem}"
+    return None
 
 
 def detection_message(frame: Frame, published_at: Optional[float] = None) -> Dict[str, Any]:

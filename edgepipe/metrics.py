@@ -2,14 +2,19 @@
 
 A worker keeps a :class:`StageMetrics` per stage: plain Python counters, gauges and histograms
 with no HTTP server and no prometheus_client import. The worker loop counts what it sees around
-every call (frames received/sent, drops, errors, processing time, busy time, progress); a stage
-records what only it knows through ``self.metrics`` (reconnects, batch sizes, inference time,
-frame age at publish, ...). Every heartbeat carries :meth:`StageMetrics.snapshot` (plain data,
-msgpack-able) to the supervisor, which folds the snapshots of dead worker incarnations into a base
-so counters stay monotonic across restarts (:class:`StageTotals`), and serves everything from one
-HTTP endpoint (:class:`MetricsServer`: ``/metrics`` in the Prometheus text format through a
-custom collector, ``/healthz`` as JSON). Metric names are a contract (dashboards and alert rules
-use them): see :data:`METRIC_NAMES`.
+every call (frames received/sent, drops, errors, processing time, busy time, progress): those
+are the core series, the same for every stage (:data:`METRIC_NAMES`). Everything specific to a
+stage (reconnects of a camera, inference time of a detector, messages a sink delivered, a line
+crossing count) is a series the stage declares itself through :meth:`StageMetrics.counter`,
+:meth:`StageMetrics.gauge` and :meth:`StageMetrics.histogram`: core code names none of them.
+
+Every heartbeat carries :meth:`StageMetrics.snapshot` (plain data, msgpack-able, the declared
+series with their help text and labels included) to the supervisor, which folds the snapshots of
+dead worker incarnations into a base so counters stay monotonic across restarts
+(:class:`StageTotals`), and serves everything from one HTTP endpoint (:class:`MetricsServer`:
+``/metrics`` in the Prometheus text format through a custom collector, ``/healthz`` as JSON). Each
+series carries the label ``stage`` (the stage's config name). Names are a contract (dashboards and
+alert rules use them): the core ones are in :data:`METRIC_NAMES`, a plugin's in its README.
 """
 
 from __future__ import annotations
@@ -20,9 +25,10 @@ import json
 import logging
 import os
 import platform
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "AGE_BUCKETS",
@@ -33,15 +39,17 @@ __all__ = [
     "PROCESSING_BUCKETS",
     "Counter",
     "CounterVec",
-    "DeviceGauge",
     "Gauge",
     "Histogram",
+    "MetricsError",
     "MetricsServer",
     "PipelineCollector",
     "PipelineView",
+    "Series",
     "StageMetrics",
     "StageTotals",
     "WorkerView",
+    "check_series",
     "read_process_stats",
 ]
 
@@ -53,8 +61,10 @@ AGE_BUCKETS: Tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 DROP_REASONS: Tuple[str, ...] = ("skipped", "queue_full", "error", "stale")
 ERROR_TYPES: Tuple[str, ...] = ("decode", "process", "source")
 
-# Every family the supervisor exports, with its help text. Dashboards and alerts are written
-# against these names; renaming one is a breaking change.
+# The core families: counted by the runtime for every stage (or every source, every worker),
+# whatever its plugin. Dashboards and alerts are written against these names and against the
+# series each first-party plugin declares (listed in its README); renaming one is a breaking
+# change. A plugin may not declare a name of this table.
 METRIC_NAMES: Dict[str, str] = {
     "edgepipe_stage_frames_received_total": "Frames this stage received from its inputs.",
     "edgepipe_stage_frames_sent_total": "Frames this stage passed downstream.",
@@ -65,25 +75,26 @@ METRIC_NAMES: Dict[str, str] = {
     "edgepipe_stage_busy_seconds_total": "Time spent working; its rate is the stage's utilization.",
     "edgepipe_stage_last_progress_timestamp_seconds": "Unix time of the stage's last progress.",
     "edgepipe_stage_up": "1 while the stage's worker runs and is ready.",
+    "edgepipe_stage_healthy": "0 while the stage reports that it cannot do its job (see /healthz for why).",
     "edgepipe_source_frames_read_total": "Frames a source read from its device/stream/file.",
-    "edgepipe_source_reconnects_total": "Times a source reconnected to its device or stream.",
     "edgepipe_source_last_frame_timestamp_seconds": "Capture time of the newest frame read.",
     "edgepipe_source_frames_per_second": "Frames read per second, recently.",
-    "edgepipe_detector_batch_size": "Frames per inference batch.",
-    "edgepipe_detector_inference_seconds": "Time spent in one forward pass.",
-    "edgepipe_detector_info": "The detector's device, precision, backend and model (always 1).",
-    "edgepipe_gpu_memory_allocated_bytes": "GPU memory the stage's process has allocated.",
-    "edgepipe_sink_frame_age_seconds": "Capture-to-publish age of a frame as a sink delivers it.",
-    "edgepipe_sink_messages_published_total": "Messages a sink delivered.",
-    "edgepipe_sink_detections_total": "Detections a sink delivered.",
-    "edgepipe_security_rejected_clients_total": "CURVE handshakes refused because the client's "
-    "key is not in the allow-list (stages holding a CURVE server).",
     "edgepipe_worker_resident_memory_bytes": "Resident memory of the worker process.",
     "edgepipe_worker_cpu_seconds_total": "CPU time (user + system) of the worker process.",
     "edgepipe_worker_restarts_total": "Times the supervisor restarted this worker.",
     "edgepipe_worker_up": "1 while the worker process runs and is ready.",
     "edgepipe_build_info": "edgepipe and Python versions (always 1).",
 }
+
+# Label names the runtime or Prometheus gives meaning to: a plugin's series may not use them.
+RESERVED_LABELS = frozenset({"stage", "worker", "instance", "job", "le", "quantile"})
+_SERIES_NAME = re.compile(r"^edgepipe_[a-z]([a-z0-9_]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_KINDS = ("counter", "gauge", "histogram")
+
+
+class MetricsError(ValueError):
+    """A series a stage cannot declare (bad name or labels, a clash); one line naming both."""
 
 
 class Counter:
@@ -174,133 +185,312 @@ class Histogram:
         return out
 
 
-class DeviceGauge:
-    """Gauges keyed by device, existing only once set (GPU memory exists only on CUDA).
-
-    ``set(nbytes)`` uses the device given to :meth:`StageMetrics.set_info` (else ``"cuda"``);
-    ``set(nbytes, device="cuda:1")`` names it.
-    """
-
-    def __init__(self, owner: StageMetrics) -> None:
-        self._owner = owner
-        self.values: Dict[str, float] = {}
-
-    def set(self, value: float, device: Optional[str] = None) -> None:
-        if device is None:
-            device = (self._owner.info or {}).get("device") or "cuda"
-        self.values[str(device)] = float(value)
+Child = Union[Counter, Gauge, Histogram]
 
 
-_COUNTERS = (
-    "received", "sent", "busy_seconds", "frames_read", "reconnects", "published", "detections",
-    "rejected_clients",
-)
-_GAUGES = ("last_progress", "last_frame_timestamp", "fps")
-_HISTOGRAMS = {
-    "processing_seconds": PROCESSING_BUCKETS,
-    "batch_size": BATCH_BUCKETS,
-    "inference_seconds": PROCESSING_BUCKETS,
-    "frame_age": AGE_BUCKETS,
-}
-_VECS = {"dropped": ("reason", DROP_REASONS), "errors": ("type", ERROR_TYPES)}
+class Series:
+    """One metric family a stage declared: kind, name, help text, label names, and one child
+    (:class:`Counter`, :class:`Gauge` or :class:`Histogram`) per tuple of label values.
+
+    Without labels the series is its own only child: ``series.inc()``, ``.set(v)``,
+    ``.observe(v)``, ``.value``, ``.count`` work on it directly. With labels,
+    ``series.labels("door", "in")`` (or ``labels(zone="door", direction="in")``) returns the child,
+    created at 0 on first use; call it at start for the label values that should exist before
+    anything happened. ``remove(*values)`` and ``clear()`` drop children (a gauge describing what
+    no longer exists). Safe to use from the stage's own threads."""
+
+    def __init__(
+        self, kind: str, name: str, help: str, labels: Sequence[str] = (),  # noqa: A002
+        buckets: Optional[Sequence[float]] = None,
+    ) -> None:
+        self.kind = kind
+        self.name = name
+        self.help = help
+        self.label_names: Tuple[str, ...] = tuple(labels)
+        self.buckets: Optional[Tuple[float, ...]] = tuple(float(b) for b in buckets) if buckets else None
+        self.children: Dict[Tuple[str, ...], Child] = {}
+        self._lock = threading.Lock()
+        if not self.label_names:
+            self.labels()
+
+    def spec(self) -> Dict[str, Any]:
+        """What the declaration says (no values): compared across stages by :func:`check_series`."""
+        return {
+            "kind": self.kind, "name": self.name, "help": self.help,
+            "labels": list(self.label_names), "buckets": list(self.buckets) if self.buckets else None,
+        }
+
+    def _new(self) -> Child:
+        if self.kind == "counter":
+            return Counter()
+        if self.kind == "gauge":
+            return Gauge()
+        assert self.buckets is not None
+        return Histogram(self.buckets)
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        """The child for these label values (positional in declaration order, or by name)."""
+        if named:
+            if values or set(named) != set(self.label_names):
+                raise ValueError(
+                    f"series {self.name!r} has labels {list(self.label_names)}, got {sorted(named)}"
+                )
+            values = tuple(named[n] for n in self.label_names)
+        if len(values) != len(self.label_names):
+            raise ValueError(
+                f"series {self.name!r} has labels {list(self.label_names)}, got {len(values)} value(s)"
+            )
+        key = tuple(str(v) for v in values)
+        child = self.children.get(key)
+        if child is None:
+            with self._lock:
+                child = self.children.setdefault(key, self._new())
+        return child
+
+    def remove(self, *values: Any) -> None:
+        with self._lock:
+            self.children.pop(tuple(str(v) for v in values), None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.children.clear()
+
+    # An unlabeled series is used directly.
+    def inc(self, amount: float = 1.0) -> None:
+        self._only().inc(amount)  # type: ignore[union-attr]
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._only().dec(amount)  # type: ignore[union-attr]
+
+    def set(self, value: float) -> None:
+        self._only().set(value)  # type: ignore[union-attr]
+
+    def observe(self, value: float) -> None:
+        self._only().observe(value)  # type: ignore[union-attr]
+
+    @property
+    def value(self) -> float:
+        return self._only().value  # type: ignore[union-attr]
+
+    @property
+    def count(self) -> int:
+        return self._only().count  # type: ignore[union-attr]
+
+    @property
+    def sum(self) -> float:
+        return self._only().sum  # type: ignore[union-attr]
+
+    def _only(self) -> Child:
+        if self.label_names:
+            raise ValueError(f"series {self.name!r} has labels {list(self.label_names)}: use .labels(...)")
+        return self.children[()]
+
+    def samples(self) -> List[List[Any]]:
+        """``[[label values, value]]`` (histograms: ``[counts, sum]``), plain data."""
+        with self._lock:
+            items = list(self.children.items())
+        out: List[List[Any]] = []
+        for key, child in items:
+            if isinstance(child, Histogram):
+                out.append([list(key), [list(child.counts), child.sum]])
+            else:
+                out.append([list(key), child.value])
+        return out
+
+    def load(self, samples: Sequence[Any]) -> None:
+        """Set the children from :meth:`samples` output (malformed data raises ValueError)."""
+        for key, value in samples:
+            child = self.labels(*key)
+            if isinstance(child, Histogram):
+                counts, total = value
+                if len(counts) != len(child.counts):
+                    raise ValueError(
+                        f"histogram {self.name!r} has {len(counts)} buckets, expected {len(child.counts)}"
+                    )
+                child.counts = [int(c) for c in counts]
+                child.sum = float(total)
+            else:
+                child.value = float(value)
+
+    def plus(self, later: Optional[Series] = None) -> Series:
+        """A new series: counters and histograms summed per label values; a gauge takes
+        ``later``'s children when ``later`` has the series (gauges describe the present)."""
+        out = Series(self.kind, self.name, self.help, self.label_names, self.buckets)
+        out.children = {}
+        if later is not None and self.kind == "gauge":
+            for key, child in later.children.items():
+                out.labels(*key).set(child.value)  # type: ignore[union-attr]
+            return out
+        parts = [self] if later is None else [self, later]
+        for series in parts:
+            for key, child in series.children.items():
+                c = out.labels(*key)
+                if isinstance(c, Histogram):
+                    assert isinstance(child, Histogram)
+                    c.counts = [x + y for x, y in zip(c.counts, child.counts)]
+                    c.sum += child.sum
+                else:
+                    c.value += child.value  # type: ignore[union-attr]
+        return out
+
+
+def _declaration_problem(kind: str, name: str, labels: Sequence[str], buckets: Optional[Sequence[float]]) -> Optional[str]:
+    """Why a declaration is not a proper Prometheus family of a plugin, or None."""
+    if not isinstance(name, str) or not _SERIES_NAME.match(name):
+        return "a series name is 'edgepipe_' then lower-case letters, digits and '_'"
+    if name in METRIC_NAMES:
+        return "the runtime exports this core series itself"
+    if kind == "counter" and not name.endswith("_total"):
+        return "a counter's name ends in '_total'"
+    if kind != "counter" and name.endswith("_total"):
+        return f"only a counter's name ends in '_total' (this is a {kind})"
+    if name.endswith(("_bucket", "_count", "_sum", "_created")):
+        return "names ending in _bucket, _count, _sum or _created are taken by Prometheus' own samples"
+    for label in labels:
+        if not isinstance(label, str) or not _LABEL_NAME.match(label):
+            return f"label {label!r} is not lower-case letters, digits and '_'"
+        if label in RESERVED_LABELS or label.startswith("__"):
+            return f"label {label!r} is reserved ({', '.join(sorted(RESERVED_LABELS))})"
+    if len(set(labels)) != len(labels):
+        return "a label is named twice"
+    if kind == "histogram":
+        if not buckets or list(buckets) != sorted(set(float(b) for b in buckets)):
+            return "a histogram needs its bucket bounds, increasing"
+    return None
 
 
 class StageMetrics:
     """The measurements of one stage, kept in its worker and shipped to the supervisor.
 
-    Constructed by the runtime (``StageMetrics(name, kind, detector=...)``) and handed to the
-    stage as ``self.metrics``; standalone use (a plugin's unit test) is the same call. Every
-    method is cheap and thread-safe (a source's grab thread may count reconnects).
+    Constructed by the runtime (``StageMetrics(name, kind)``) and handed to the stage as
+    ``self.metrics``; standalone use (a plugin's unit test) is the same call. Every method is
+    cheap and thread-safe (a source's grab thread may count reconnects).
 
     Counted by the worker loop around every call (a stage does not touch these):
       ``received``, ``sent`` (Counter), ``dropped.labels(reason)`` with reason in
       skipped|queue_full|error, ``errors.labels(type)`` with type in decode|process|source,
       ``processing_seconds`` (Histogram: one ``process()`` call, or for sources one ``read()``
-      that returned a frame, which includes waiting on the device), ``busy_seconds`` (Counter,
-      the same time summed), ``last_progress`` (Gauge, unix time), and for sources
-      ``frames_read``, ``last_frame_timestamp``, ``fps``.
+      that returned a frame, without the time a paced source waits for its next frame),
+      ``busy_seconds`` (Counter, the same time summed), ``last_progress`` (Gauge, unix time),
+      ``detections_seen`` (detections in the frames a sink received; for the status display),
+      and for sources ``frames_read``, ``last_frame_timestamp``, ``fps``.
 
-    Recorded by the stage itself, where it applies:
-      - sources: ``metrics.reconnects.inc()`` after each reconnect to a camera/stream;
-      - detectors: ``metrics.batch_size.observe(len(frames))``,
-        ``metrics.inference_seconds.observe(seconds)`` per forward pass,
-        ``metrics.set_info(device="cuda:0", precision="fp16", backend="torch", model="yolov5s")``
-        once after loading, ``metrics.gpu_memory.set(nbytes)`` on CUDA only;
-      - sinks: ``metrics.frame_age.observe(time.time() - frame.timestamp)`` and
-        ``metrics.published.inc()`` per message delivered, ``metrics.detections.inc(n)``;
-      - any stage dropping frames on purpose: ``metrics.dropped.labels("stale").inc()``;
-      - a stage holding a CURVE server socket: ``metrics.curve_server = True`` once it is set
-        up, and ``metrics.rejected_clients.inc()`` per refused handshake (the ZAP
-        authenticator's thread does this through :func:`edgepipe.security.secure_server`).
+    Declared by the stage, for what only it knows (in ``__init__`` or ``start``)::
 
-    Exported as the ``edgepipe_stage_*`` families for every stage, ``edgepipe_source_*`` for
-    sources, ``edgepipe_sink_*`` for sinks, ``edgepipe_detector_*`` for detectors (stages whose
-    class ``produces`` "candidates", or any stage that records batch sizes/inference time/info),
-    ``edgepipe_security_rejected_clients_total`` for stages with a CURVE server.
+        self.reconnects = self.metrics.counter(
+            "edgepipe_source_reconnects_total", "Times the source reconnected to its camera.")
+        self.crossings = self.metrics.counter(
+            "edgepipe_zone_crossings_total", "Line crossings.", labels=("line", "direction"))
+        self.crossings.labels("door", "in").inc()
+
+    Declaring the same name twice in a stage returns the same :class:`Series` when the
+    declarations agree. A name that is not ``edgepipe_...`` in lower case, a counter not ending
+    in ``_total``, a core name (:data:`METRIC_NAMES`) or a reserved label raises
+    :class:`MetricsError` naming the stage and the series (the stage then fails to start); two
+    stages declaring one name as different kinds or with other labels are refused by the
+    supervisor when the second one starts (:func:`check_series`). Several stages may share a
+    name declared alike (every first-party sink counts ``edgepipe_sink_messages_published_total``). Every declared series carries the ``stage`` label on
+    ``/metrics``, and its counters and histograms keep adding up across worker restarts.
+
+    Health: :meth:`report_problem` (a stage that keeps running but cannot do its job: a sink
+    that cannot reach its broker, a camera that is gone) and :meth:`clear_problem`; the
+    :class:`edgepipe.stage.Stage` methods ``report_unhealthy``/``report_healthy`` call them.
     """
 
-    def __init__(self, stage: str, kind: str = "processor", detector: bool = False) -> None:
+    def __init__(self, stage: str, kind: str = "processor") -> None:
         self.stage = stage
         self.kind = kind
-        self.detector = detector
         self.received = Counter()
         self.sent = Counter()
         self.busy_seconds = Counter()
         self.frames_read = Counter()
-        self.reconnects = Counter()
-        self.published = Counter()
-        self.detections = Counter()
-        self.rejected_clients = Counter()
-        self.curve_server = False
+        self.detections_seen = Counter()
         self.dropped = CounterVec("reason", DROP_REASONS)
         self.errors = CounterVec("type", ERROR_TYPES)
         self.last_progress = Gauge()
         self.last_frame_timestamp = Gauge()
         self.fps = Gauge()
         self.processing_seconds = Histogram(PROCESSING_BUCKETS)
-        self.batch_size = Histogram(BATCH_BUCKETS)
-        self.inference_seconds = Histogram(PROCESSING_BUCKETS)
-        self.frame_age = Histogram(AGE_BUCKETS)
-        self.gpu_memory = DeviceGauge(self)
-        self.info: Optional[Dict[str, str]] = None
+        self.series: Dict[str, Series] = {}
+        self.problem: Optional[str] = None
+        self._lock = threading.Lock()
 
-    def set_info(self, **labels: Any) -> None:
-        """Describe the detector: device, precision, backend, model (missing ones read "")."""
-        keys = ("device", "precision", "backend", "model")
-        unknown = set(labels) - set(keys)
-        if unknown:
-            raise ValueError(f"unknown info label(s) {sorted(unknown)}; known: {', '.join(keys)}")
-        self.info = {k: str(labels.get(k, "")) for k in keys}
+    # -- declared series --------------------------------------------------------------------------
 
-    @property
-    def is_detector(self) -> bool:
-        return bool(
-            self.detector or self.info or self.batch_size.count or self.inference_seconds.count
-        )
+    def counter(self, name: str, help: str, labels: Sequence[str] = ()) -> Series:  # noqa: A002
+        """Declare (or get back) a counter: ``name`` ends in ``_total``."""
+        return self._declare("counter", name, help, labels, None)
+
+    def gauge(self, name: str, help: str, labels: Sequence[str] = ()) -> Series:  # noqa: A002
+        """Declare (or get back) a gauge."""
+        return self._declare("gauge", name, help, labels, None)
+
+    def histogram(
+        self, name: str, help: str, buckets: Sequence[float], labels: Sequence[str] = ()  # noqa: A002
+    ) -> Series:
+        """Declare (or get back) a histogram with these bucket upper bounds (+Inf is added)."""
+        return self._declare("histogram", name, help, labels, buckets)
+
+    def _declare(
+        self, kind: str, name: str, help: str, labels: Sequence[str],  # noqa: A002
+        buckets: Optional[Sequence[float]],
+    ) -> Series:
+        labels = tuple(labels)
+        problem = _declaration_problem(kind, name, labels, buckets)
+        if problem is None and not (isinstance(help, str) and help.strip()):
+            problem = "a series needs a help text"
+        if problem is not None:
+            raise MetricsError(f"stage {self.stage!r}: series {name!r}: {problem}")
+        with self._lock:
+            series = self.series.get(name)
+            if series is None:
+                series = self.series[name] = Series(kind, name, " ".join(help.split()), labels, buckets)
+                return series
+        want = Series(kind, name, " ".join(help.split()), labels, buckets).spec()
+        if series.spec() != want:
+            raise MetricsError(
+                f"stage {self.stage!r}: series {name!r} is declared twice differently "
+                f"({_describe(series.spec())} and {_describe(want)})"
+            )
+        return series
+
+    def get(self, name: str) -> Series:
+        """A declared series by name (KeyError naming the declared ones otherwise)."""
+        try:
+            return self.series[name]
+        except KeyError:
+            raise KeyError(f"stage {self.stage!r} declared no series {name!r}; it has: "
+                           f"{', '.join(sorted(self.series)) or 'none'}") from None
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def report_problem(self, reason: str) -> None:
+        self.problem = " ".join(str(reason).split()) or "unhealthy"
+
+    def clear_problem(self) -> None:
+        self.problem = None
+
+    # -- transport --------------------------------------------------------------------------------
 
     def snapshot(self) -> Dict[str, Any]:
         """Plain data (msgpack/JSON-able) with every value; :meth:`from_snapshot` reverses it."""
+        with self._lock:
+            declared = list(self.series.values())
         return {
             "stage": self.stage,
             "kind": self.kind,
-            "detector": self.detector,
             "counters": {n: getattr(self, n).value for n in _COUNTERS},
-            "vecs": {
-                n: {k: c.value for k, c in getattr(self, n).children.items()} for n in _VECS
-            },
+            "vecs": {n: {k: c.value for k, c in getattr(self, n).children.items()} for n in _VECS},
             "gauges": {n: getattr(self, n).value for n in _GAUGES},
-            "histograms": {
-                n: [list(getattr(self, n).counts), getattr(self, n).sum] for n in _HISTOGRAMS
-            },
-            "gpu_memory": dict(self.gpu_memory.values),
-            "info": dict(self.info) if self.info else None,
-            "curve_server": self.curve_server,
+            "processing": [list(self.processing_seconds.counts), self.processing_seconds.sum],
+            "series": [dict(s.spec(), samples=s.samples()) for s in declared],
+            "problem": self.problem,
         }
 
     @classmethod
     def from_snapshot(cls, snap: Dict[str, Any]) -> StageMetrics:
         """Rebuild from :meth:`snapshot` output; malformed parts raise ValueError/KeyError/TypeError."""
-        m = cls(str(snap["stage"]), str(snap["kind"]), bool(snap.get("detector")))
+        m = cls(str(snap["stage"]), str(snap["kind"]))
         for n in _COUNTERS:
             getattr(m, n).value = float(snap["counters"][n])
         for n in _VECS:
@@ -310,22 +500,29 @@ class StageMetrics:
                     vec.children[k].value = float(v)
         for n in _GAUGES:
             getattr(m, n).value = float(snap["gauges"][n])
-        for n in _HISTOGRAMS:
-            counts, total = snap["histograms"][n]
-            h = getattr(m, n)
-            if len(counts) != len(h.counts):
-                raise ValueError(f"histogram {n!r} has {len(counts)} buckets, expected {len(h.counts)}")
-            h.counts = [int(c) for c in counts]
-            h.sum = float(total)
-        m.gpu_memory.values = {str(k): float(v) for k, v in (snap.get("gpu_memory") or {}).items()}
-        info = snap.get("info")
-        m.info = {str(k): str(v) for k, v in info.items()} if info else None
-        m.curve_server = bool(snap.get("curve_server"))
+        counts, total = snap["processing"]
+        h = m.processing_seconds
+        if len(counts) != len(h.counts):
+            raise ValueError(f"processing histogram has {len(counts)} buckets, expected {len(h.counts)}")
+        h.counts, h.sum = [int(c) for c in counts], float(total)
+        for spec in snap.get("series") or []:
+            kind, name = str(spec["kind"]), str(spec["name"])
+            labels, buckets = [str(x) for x in spec.get("labels") or []], spec.get("buckets")
+            if kind not in _KINDS:
+                raise ValueError(f"series {name!r} has unknown kind {kind!r}")
+            problem = _declaration_problem(kind, name, labels, buckets)
+            if problem is not None:
+                raise ValueError(f"series {name!r}: {problem}")
+            series = m.series[name] = Series(kind, name, str(spec["help"]), labels, buckets)
+            series.children = {}
+            series.load(spec.get("samples") or [])
+        problem = snap.get("problem")
+        m.problem = str(problem) if problem else None
         return m
 
     def plus(self, later: StageMetrics) -> StageMetrics:
-        """Counters and histograms summed; gauges, GPU memory and info from ``later``."""
-        out = StageMetrics(self.stage, self.kind, self.detector or later.detector)
+        """Counters and histograms summed; gauges, declared gauges and the problem from ``later``."""
+        out = StageMetrics(self.stage, self.kind)
         for n in _COUNTERS:
             getattr(out, n).value = getattr(self, n).value + getattr(later, n).value
         for n in _VECS:
@@ -333,14 +530,48 @@ class StageMetrics:
                 c.value = getattr(self, n).children[k].value + getattr(later, n).children[k].value
         for n in _GAUGES:
             getattr(out, n).value = getattr(later, n).value or getattr(self, n).value
-        for n in _HISTOGRAMS:
-            a, b, h = getattr(self, n), getattr(later, n), getattr(out, n)
-            h.counts = [x + y for x, y in zip(a.counts, b.counts)]
-            h.sum = a.sum + b.sum
-        out.gpu_memory.values = dict(later.gpu_memory.values)
-        out.info = later.info or self.info
-        out.curve_server = self.curve_server or later.curve_server
+        a, b, h = self.processing_seconds, later.processing_seconds, out.processing_seconds
+        h.counts, h.sum = [x + y for x, y in zip(a.counts, b.counts)], a.sum + b.sum
+        for name in list(self.series) + [n for n in later.series if n not in self.series]:
+            mine, theirs = self.series.get(name), later.series.get(name)
+            if mine is not None and theirs is not None and mine.spec() == theirs.spec():
+                out.series[name] = mine.plus(theirs)
+            else:  # one side only, or redeclared differently by a new incarnation: the later wins
+                keep = theirs if theirs is not None else mine
+                assert keep is not None
+                out.series[name] = keep.plus()
+        out.problem = later.problem
         return out
+
+
+_COUNTERS = ("received", "sent", "busy_seconds", "frames_read", "detections_seen")
+_GAUGES = ("last_progress", "last_frame_timestamp", "fps")
+_VECS = {"dropped": ("reason", DROP_REASONS), "errors": ("type", ERROR_TYPES)}
+
+
+def _describe(spec: Dict[str, Any]) -> str:
+    labels = f" with labels {', '.join(spec['labels'])}" if spec["labels"] else ""
+    return f"a {spec['kind']}{labels}"
+
+
+def check_series(declared: Dict[str, Iterable[Dict[str, Any]]]) -> List[str]:
+    """One line per clash between stages: the same series name declared as another kind, with
+    other labels or other buckets (the help text of the first declaration is the one shown).
+    ``declared`` maps stage -> its series specs (as in :meth:`Series.spec`); the first stage in
+    the mapping's order to declare a name sets it."""
+    first: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+    errors: List[str] = []
+    for stage, specs in declared.items():
+        for spec in specs:
+            shape = {k: spec.get(k) for k in ("kind", "name", "labels", "buckets")}
+            owner = first.setdefault(str(shape["name"]), (stage, shape))
+            if owner[0] != stage and owner[1] != shape:
+                errors.append(
+                    f"stage {stage!r}: series {shape['name']!r} clashes with stage {owner[0]!r}'s: "
+                    f"{_describe(shape)} here, {_describe(owner[1])} there"
+                    + (" (other buckets)" if _describe(shape) == _describe(owner[1]) else "")
+                )
+    return errors
 
 
 class StageTotals:
@@ -350,17 +581,17 @@ class StageTotals:
     into the base so the next incarnation's counts add on top; ``current()`` is the sum.
     """
 
-    def __init__(self, stage: str, kind: str, detector: bool = False) -> None:
-        self.base = StageMetrics(stage, kind, detector)
-        self.live = StageMetrics(stage, kind, detector)
+    def __init__(self, stage: str, kind: str) -> None:
+        self.base = StageMetrics(stage, kind)
+        self.live = StageMetrics(stage, kind)
 
     def update(self, snapshot: Dict[str, Any]) -> None:
         self.live = StageMetrics.from_snapshot(snapshot)
-        self.live.detector = self.live.detector or self.base.detector
 
     def worker_exited(self) -> None:
         self.base = self.base.plus(self.live)
-        self.live = StageMetrics(self.base.stage, self.base.kind, self.base.detector)
+        self.base.problem = None  # a dead incarnation's problem is not the next one's
+        self.live = StageMetrics(self.base.stage, self.base.kind)
         self.live.last_progress.value = self.base.last_progress.value
 
     def current(self) -> StageMetrics:
@@ -438,7 +669,10 @@ class PipelineView:
 
 
 class PipelineCollector:
-    """prometheus_client custom collector over a callable returning the current PipelineView."""
+    """prometheus_client custom collector over a callable returning the current PipelineView:
+    the core families of every stage and worker, then each stage's declared series (the first
+    stage to declare a name sets its type and labels; the supervisor refuses clashes at start,
+    see :func:`check_series`, so a clash here is only skipped)."""
 
     def __init__(self, view: Callable[[], PipelineView]) -> None:
         self._view = view
@@ -453,58 +687,58 @@ class PipelineCollector:
             HistogramMetricFamily,
         )
 
+        types = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "histogram": HistogramMetricFamily}
         view = self._view()
         fams: Dict[str, Any] = {}
+        shapes: Dict[str, Tuple[str, Tuple[str, ...]]] = {}
 
-        def fam(name: str, typ: Any, labels: Sequence[str]) -> Any:
+        def fam(name: str, kind: str, labels: Sequence[str], help: Optional[str] = None) -> Any:  # noqa: A002
             if name not in fams:
-                fams[name] = typ(name, METRIC_NAMES[name], labels=list(labels))
+                fams[name] = types[kind](name, help or METRIC_NAMES[name], labels=list(labels))
+                shapes[name] = (kind, tuple(labels))
             return fams[name]
 
-        def hist(name: str, labels: List[str], h: Histogram) -> None:
+        def hist(family: Any, labels: List[str], h: Histogram) -> None:
             cum = h.cumulative()
             buckets = [(_fmt(b), float(c)) for b, c in zip(h.buckets, cum)]
             buckets.append(("+Inf", float(cum[-1])))
-            fam(name, HistogramMetricFamily, ["stage"]).add_metric(labels, buckets, h.sum)
+            family.add_metric(labels, buckets, h.sum)
 
         for m, up in view.stages:
             s = [m.stage]
-            fam("edgepipe_stage_frames_received_total", CounterMetricFamily, ["stage"]).add_metric(s, m.received.value)
-            fam("edgepipe_stage_frames_sent_total", CounterMetricFamily, ["stage"]).add_metric(s, m.sent.value)
+            fam("edgepipe_stage_frames_received_total", "counter", ["stage"]).add_metric(s, m.received.value)
+            fam("edgepipe_stage_frames_sent_total", "counter", ["stage"]).add_metric(s, m.sent.value)
             for reason, c in m.dropped.children.items():
-                fam("edgepipe_stage_frames_dropped_total", CounterMetricFamily, ["stage", "reason"]).add_metric([m.stage, reason], c.value)
+                fam("edgepipe_stage_frames_dropped_total", "counter", ["stage", "reason"]).add_metric([m.stage, reason], c.value)
             for typ, c in m.errors.children.items():
-                fam("edgepipe_stage_errors_total", CounterMetricFamily, ["stage", "type"]).add_metric([m.stage, typ], c.value)
-            hist("edgepipe_stage_processing_seconds", s, m.processing_seconds)
-            fam("edgepipe_stage_busy_seconds_total", CounterMetricFamily, ["stage"]).add_metric(s, m.busy_seconds.value)
-            fam("edgepipe_stage_last_progress_timestamp_seconds", GaugeMetricFamily, ["stage"]).add_metric(s, m.last_progress.value)
-            fam("edgepipe_stage_up", GaugeMetricFamily, ["stage"]).add_metric(s, 1.0 if up else 0.0)
+                fam("edgepipe_stage_errors_total", "counter", ["stage", "type"]).add_metric([m.stage, typ], c.value)
+            hist(fam("edgepipe_stage_processing_seconds", "histogram", ["stage"]), s, m.processing_seconds)
+            fam("edgepipe_stage_busy_seconds_total", "counter", ["stage"]).add_metric(s, m.busy_seconds.value)
+            fam("edgepipe_stage_last_progress_timestamp_seconds", "gauge", ["stage"]).add_metric(s, m.last_progress.value)
+            fam("edgepipe_stage_up", "gauge", ["stage"]).add_metric(s, 1.0 if up else 0.0)
+            fam("edgepipe_stage_healthy", "gauge", ["stage"]).add_metric(s, 0.0 if m.problem else 1.0)
             if m.kind == "source":
-                fam("edgepipe_source_frames_read_total", CounterMetricFamily, ["stage"]).add_metric(s, m.frames_read.value)
-                fam("edgepipe_source_reconnects_total", CounterMetricFamily, ["stage"]).add_metric(s, m.reconnects.value)
-                fam("edgepipe_source_last_frame_timestamp_seconds", GaugeMetricFamily, ["stage"]).add_metric(s, m.last_frame_timestamp.value)
-                fam("edgepipe_source_frames_per_second", GaugeMetricFamily, ["stage"]).add_metric(s, m.fps.value)
-            if m.is_detector:
-                hist("edgepipe_detector_batch_size", s, m.batch_size)
-                hist("edgepipe_detector_inference_seconds", s, m.inference_seconds)
-                if m.info:
-                    keys = ["device", "precision", "backend", "model"]
-                    fam("edgepipe_detector_info", GaugeMetricFamily, ["stage", *keys]).add_metric([m.stage, *(m.info[k] for k in keys)], 1.0)
-            for device, value in m.gpu_memory.values.items():
-                fam("edgepipe_gpu_memory_allocated_bytes", GaugeMetricFamily, ["stage", "device"]).add_metric([m.stage, device], value)
-            if m.kind == "sink":
-                hist("edgepipe_sink_frame_age_seconds", s, m.frame_age)
-                fam("edgepipe_sink_messages_published_total", CounterMetricFamily, ["stage"]).add_metric(s, m.published.value)
-                fam("edgepipe_sink_detections_total", CounterMetricFamily, ["stage"]).add_metric(s, m.detections.value)
-            if m.curve_server:
-                fam("edgepipe_security_rejected_clients_total", CounterMetricFamily, ["stage"]).add_metric(s, m.rejected_clients.value)
+                fam("edgepipe_source_frames_read_total", "counter", ["stage"]).add_metric(s, m.frames_read.value)
+                fam("edgepipe_source_last_frame_timestamp_seconds", "gauge", ["stage"]).add_metric(s, m.last_frame_timestamp.value)
+                fam("edgepipe_source_frames_per_second", "gauge", ["stage"]).add_metric(s, m.fps.value)
+        for m, _ in view.stages:
+            for series in m.series.values():
+                labels = ("stage", *series.label_names)
+                if shapes.get(series.name, (series.kind, labels)) != (series.kind, labels):
+                    continue  # a clash the supervisor already refused
+                family = fam(series.name, series.kind, labels, series.help)
+                for key, child in list(series.children.items()):
+                    if isinstance(child, Histogram):
+                        hist(family, [m.stage, *key], child)
+                    else:
+                        family.add_metric([m.stage, *key], child.value)
         for w in view.workers:
             n = [w.name]
-            fam("edgepipe_worker_resident_memory_bytes", GaugeMetricFamily, ["worker"]).add_metric(n, w.rss)
-            fam("edgepipe_worker_cpu_seconds_total", CounterMetricFamily, ["worker"]).add_metric(n, w.cpu_seconds)
-            fam("edgepipe_worker_restarts_total", CounterMetricFamily, ["worker"]).add_metric(n, float(w.restarts))
-            fam("edgepipe_worker_up", GaugeMetricFamily, ["worker"]).add_metric(n, 1.0 if w.up else 0.0)
-        fam("edgepipe_build_info", GaugeMetricFamily, ["version", "python"]).add_metric(
+            fam("edgepipe_worker_resident_memory_bytes", "gauge", ["worker"]).add_metric(n, w.rss)
+            fam("edgepipe_worker_cpu_seconds_total", "counter", ["worker"]).add_metric(n, w.cpu_seconds)
+            fam("edgepipe_worker_restarts_total", "counter", ["worker"]).add_metric(n, float(w.restarts))
+            fam("edgepipe_worker_up", "gauge", ["worker"]).add_metric(n, 1.0 if w.up else 0.0)
+        fam("edgepipe_build_info", "gauge", ["version", "python"]).add_metric(
             [view.version, platform.python_version()], 1.0
         )
         yield from fams.values()

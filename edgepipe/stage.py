@@ -117,15 +117,16 @@ class StageConfig(BaseModel):
 
 
 class StageContext:
-    """What the runtime hands to a stage: its name, a logger, its metrics, and where a source
-    resumes.
+    """What the runtime hands to a stage: its name, the pipeline's name, a logger, its metrics,
+    and where a source resumes.
 
     ``metrics`` is the stage's :class:`edgepipe.metrics.StageMetrics`; the worker already counts
-    frames in/out, drops, errors and processing time around every call, so a stage only records
-    what is specific to it (reconnects, batch sizes, inference time...). Left None (a unit test
-    constructing a stage), :class:`Stage` creates a fresh ``StageMetrics(name, kind)``.
-    ``runtime_dir`` is the daemon's private directory (ipc sockets live there), None outside a
-    daemon. ``resume`` is the frame id a source's first frame must carry (see :class:`Source`):
+    frames in/out, drops, errors and processing time around every call, so a stage only declares
+    and records what is specific to it (reconnects, batch sizes, inference time...). Left None (a
+    unit test constructing a stage), :class:`Stage` creates a fresh ``StageMetrics(name, kind)``.
+    ``pipeline`` is the config's ``name`` (topics and subjects that must be unique per daemon use
+    it). ``runtime_dir`` is the daemon's private directory (ipc sockets live there), None outside
+    a daemon. ``resume`` is the frame id a source's first frame must carry (see :class:`Source`):
     0 when the daemon starts, one past the last id it emitted when its worker was restarted.
     """
 
@@ -135,8 +136,10 @@ class StageContext:
         metrics: Optional[StageMetrics] = None,
         runtime_dir: Optional[str] = None,
         resume: int = 0,
+        pipeline: str = "edgepipe",
     ):
         self.name = name
+        self.pipeline = pipeline
         self.log = logging.getLogger(f"edgepipe.stage.{name}")
         self.metrics = metrics
         self.runtime_dir = runtime_dir
@@ -181,6 +184,20 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     ``self.log`` lines are one line each, for events (started, reconnected, gave up); per-frame
     numbers belong in ``self.metrics``.
 
+    Metrics: besides what the worker counts for every stage, a stage declares series of its own
+    in ``__init__`` or ``start`` through ``self.metrics.counter/gauge/histogram`` (a name
+    ``edgepipe_<...>``, a help text, optional label names) and records into what they return
+    (see :class:`edgepipe.metrics.StageMetrics`). They appear on ``/metrics`` with the ``stage``
+    label and keep adding up across worker restarts. A badly named series, or one that another
+    stage declared differently, stops the stage at start with one line naming both.
+
+    Health: a stage that keeps running but cannot do its job (a sink that cannot reach its
+    broker, a source whose camera is gone) calls :meth:`report_unhealthy` with the reason, and
+    :meth:`report_healthy` once it can again (both are cheap, safe from any thread, and only
+    the changes count). ``/healthz`` then answers 503 naming the stage and the reason, the
+    systemd status line names it, and ``edgepipe_stage_healthy`` is 0; the watchdog keeps being
+    pinged (the process is alive, and restarting it would not bring back a broker).
+
     Errors: raising :class:`StageError` from ``start``, ``read`` or ``process`` means the stage
     cannot go on: the worker exits and the supervisor restarts it with backoff (at start-up, the
     daemon fails). Any other exception from ``process`` drops that call's frames (counted as
@@ -194,8 +211,7 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     ``produces`` says what it emits (None: the same kind it received, as a pass-through does; for a
     source, None means "not known statically", which skips the check downstream). ``edgepipe
     validate`` refuses e.g. ``nms`` (accepts candidates) fed by ``letterbox`` (produces
-    letterboxed). A processor that produces "candidates" is a detector for the metrics
-    (``edgepipe_detector_*`` series exist from the start). Batching is driven by the config: a
+    letterboxed). Batching is driven by the config: a
     processor whose ``Config`` has ``max_batch`` and ``max_wait_ms`` fields gets batches.
     ``keep_original_option`` names a bool field of ``Config`` that makes the stage carry the
     source picture along in ``Frame.original`` (the ``letterbox`` stage's ``keep_original``); see
@@ -214,7 +230,7 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
         self.name = context.name
         self.log = context.log
         if context.metrics is None:
-            context.metrics = StageMetrics(context.name, self.kind, self.produces == "candidates")
+            context.metrics = StageMetrics(context.name, self.kind)
         self.metrics: StageMetrics = context.metrics
 
     def output_kind(self) -> Optional[str]:
@@ -230,6 +246,14 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     def check(self) -> None:  # noqa: B027 - an optional hook
         """Pre-flight check in the supervisor (see class docstring)."""
 
+    def check_upstream(self, upstream: Dict[str, Stage]) -> None:  # noqa: B027 - an optional hook
+        """Static cross-check against the stages upstream of this one: ``upstream`` maps the name
+        of every stage this one transitively takes input from to its (unstarted) instance, in
+        data-flow order. Called by ``edgepipe validate`` and ``run`` after the graph checks (a
+        ``zones`` stage requiring a ``tracker`` before it, class names checked against the
+        detector's). Raise ValueError with one line to refuse the config; it is reported as
+        ``stages.<name>: <line>``. Must be cheap and open nothing."""
+
     def start(self) -> None:  # noqa: B027 - an optional hook
         """Open devices, load models; called once in the worker before any frame."""
 
@@ -239,6 +263,19 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
 
     def stop(self) -> None:  # noqa: B027 - an optional hook
         """Release resources; last call."""
+
+    def report_unhealthy(self, reason: str) -> None:
+        """The stage cannot do its job but keeps running; ``reason`` is one line (see the class
+        docstring). Logged once per change of reason."""
+        if self.metrics.problem != " ".join(str(reason).split()):
+            self.log.warning("Unhealthy: %s", reason)
+        self.metrics.report_problem(reason)
+
+    def report_healthy(self) -> None:
+        """The stage can do its job again (after :meth:`report_unhealthy`)."""
+        if self.metrics.problem is not None:
+            self.log.info("Healthy again")
+        self.metrics.clear_problem()
 
     def reconfigure(self, config: StageConfig) -> bool:
         """Apply a changed config in place (SIGHUP). Return True if applied; False (the default)
@@ -255,8 +292,9 @@ class Source(Stage):
     yet (it
     should then have waited up to about 0.1 s, so the worker can serve control messages), or
     raises :class:`EndOfStream` when a finite source is exhausted. Transient failures (a camera
-    that disconnects) are handled inside: reconnect with backoff, count it in
-    ``metrics.reconnects``, log one line, and return ``None`` meanwhile.
+    that disconnects) are handled inside: reconnect with backoff, count it (the first-party
+    sources declare ``edgepipe_source_reconnects_total``), log one line, report it with
+    :meth:`Stage.report_unhealthy`, and return ``None`` meanwhile.
 
     ``live`` tells the runtime the default link policy downstream: live sources (cameras, RTSP,
     real-time synthetic) default to 'latest', finite ones (file, images) to 'block'.

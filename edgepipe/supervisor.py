@@ -45,7 +45,7 @@ import zmq
 
 import edgepipe
 from edgepipe.config import ConfigError, Pipeline, load_config
-from edgepipe.metrics import MetricsServer, PipelineView, StageTotals, WorkerView
+from edgepipe.metrics import MetricsServer, PipelineView, StageTotals, WorkerView, check_series
 from edgepipe.runtime import (
     RuntimeDir,
     RuntimeDirError,
@@ -97,7 +97,6 @@ def plan_worker(
             "name": name,
             "type": p.types[name],
             "settings": cfg.model_dump(mode="json"),
-            "detector": cls.produces == "candidates",
             "upstream": list(cfg.inputs),
             "ended_upstream": sorted(set(cfg.inputs) & ended),
             "input": None,
@@ -218,8 +217,7 @@ class Supervisor:
     def _reset_stages(self) -> None:
         for name in self.p.stages:
             if name not in self.totals:
-                cls = self.p.classes[name]
-                self.totals[name] = StageTotals(name, cls.kind, cls.produces == "candidates")
+                self.totals[name] = StageTotals(name, self.p.classes[name].kind)
         for name in list(self.totals):
             if name not in self.p.stages:
                 del self.totals[name]
@@ -275,7 +273,8 @@ class Supervisor:
         silent_after = max(1.0, 3 * self.rt.heartbeat_interval)
         with self.lock:
             stages: Dict[str, Any] = {}
-            stalled = []
+            stalled: List[str] = []
+            failing: List[str] = []
             for name, t in self.totals.items():
                 w = self.workers.get(self.worker_of(name))
                 up = bool(w and w.ready and w.alive)
@@ -289,6 +288,7 @@ class Supervisor:
                     waiting = now - max(since, work_since)
                 else:
                     waiting = None
+                problem = t.current().problem if up else None
                 if name in self.ended:
                     state = "ended"
                 elif not up:
@@ -299,19 +299,25 @@ class Supervisor:
                     state = "ok" if now - since <= timeout else "idle"
                 else:
                     state = "stalled" if waiting > timeout else "ok"
+                if problem and state in ("ok", "idle"):
+                    state = "failing"  # running, but it says it cannot do its job
                 if state in ("down", "stalled"):
                     stalled.append(name)
+                elif state == "failing":
+                    failing.append(name)
                 stages[name] = {
                     "state": state,
+                    "reason": problem,
                     "up": up,
                     "ended": name in self.ended,
                     "seconds_since_progress": round(now - since, 3),
                     "stall_timeout": timeout,
                 }
+        body = {"stalled": stalled, "failing": failing, "stages": stages}
         if not self.started:
-            return False, {"status": "starting", "stalled": stalled, "stages": stages}
-        status = "stalled" if stalled else "ok"
-        return not stalled, {"status": status, "stalled": stalled, "stages": stages}
+            return False, {"status": "starting", **body}
+        status = "stalled" if stalled else ("failing" if failing else "ok")
+        return status == "ok", {"status": status, **body}
 
     # -- workers ---------------------------------------------------------------------------------
 
@@ -384,7 +390,7 @@ class Supervisor:
         if kind == "HEARTBEAT":
             self.on_heartbeat(w, body)
         elif kind == "READY":
-            self.on_ready(w)
+            self.on_ready(w, body)
         elif kind == "FAILED":
             w.reason = str(body.get("reason", "unknown"))
         elif kind == "FINISHED":
@@ -414,7 +420,13 @@ class Supervisor:
                 if other is not w and other.alive and other.ready:
                     self.send(other, "ENDED", {"stages": newly_ended})
 
-    def on_ready(self, w: WorkerState) -> None:
+    def on_ready(self, w: WorkerState, body: Dict[str, Any]) -> None:
+        clash = self.series_clash(w, body.get("series") or {})
+        if clash:  # refused like a failed start: on_exit logs the reason
+            w.reason = clash
+            assert w.proc is not None
+            w.proc.kill()
+            return
         with self.lock:
             w.ready = True
             w.ready_wall = time.time()
@@ -427,6 +439,24 @@ class Supervisor:
         elif self.started:
             self.send(w, "RUN")
             log.info("Worker %r is up again (stages %s)", w.name, ", ".join(w.stages))
+
+    def series_clash(self, w: WorkerState, series: Dict[str, Any]) -> Optional[str]:
+        """The first clash between the series this worker's stages declare and those the other
+        stages declared (see :func:`edgepipe.metrics.check_series`), or None."""
+        declared: Dict[str, Any] = {}
+        with self.lock:
+            for name, t in self.totals.items():
+                if name not in w.stages:
+                    declared[name] = [s.spec() for s in t.current().series.values()]
+        for name in w.stages:
+            if isinstance(series.get(name), list):
+                declared[name] = series[name]
+        try:
+            errors = check_series(declared)
+        except (AttributeError, KeyError, TypeError):
+            return "sent a malformed list of declared series"
+        mine = [e for e in errors if any(e.startswith(f"stage {n!r}") for n in w.stages)]
+        return mine[0] if mine else None
 
     def on_exit(self, w: WorkerState, code: int) -> None:
         with self.lock:
@@ -571,9 +601,17 @@ class Supervisor:
     # -- reload ----------------------------------------------------------------------------------
 
     def reload(self) -> None:
+        """SIGHUP. Whatever the new file holds, and whatever goes wrong while it is loaded,
+        checked or compared, the running pipeline goes on and one line says why."""
         self.notifier.reloading()
         try:
             self._reload()
+        except Exception as exc:  # noqa: BLE001 - a reload must never take the daemon down
+            log.error(
+                "Reload refused, still running the previous config: %s: %s",
+                type(exc).__name__, " ".join(str(exc).split())[:300],
+            )
+            log.debug("Reload failure", exc_info=True)
         finally:
             self.notifier.ready()
 
@@ -598,7 +636,11 @@ class Supervisor:
         new.config = new.config.model_copy(
             update={"name": self.p.config.name, "metrics": self.p.config.metrics, "runtime": self.p.config.runtime}
         )
-        self.rundir.check_lengths(new.stages)
+        try:
+            self.rundir.check_lengths(new.stages)
+        except RuntimeDirError as exc:
+            log.error("Reload refused, still running the previous config: runtime.dir: %s", exc)
+            return
         old_plans = {n: w.plan for n, w in self.workers.items()}
         old_p = self.p
         with self.lock:
@@ -681,7 +723,7 @@ class Supervisor:
                     "latency": (h.sum - s0) / (h.count - c0) if h.count > c0 else 0.0,
                     "drops": drops - d0,
                     "frames": frames,
-                    "detections": m.detections.value,
+                    "detections": m.detections_seen.value,
                     "kind_sink": 1.0 if m.kind == "sink" else 0.0,
                 }
         self.status_prev[key] = (now, cur)
@@ -709,7 +751,7 @@ class Supervisor:
                 frames = m.frames_read.value if m.kind == "source" else m.received.value
                 text = f"{name} {frames:.0f} frames ({frames / elapsed:.1f} fps)"
                 if m.kind == "sink":
-                    text += f", {m.detections.value:.0f} detections"
+                    text += f", {m.detections_seen.value:.0f} detections"
                 parts.append(text)
         return f"Finished in {elapsed:.1f} s: " + "; ".join(parts)
 
@@ -727,11 +769,17 @@ class Supervisor:
             log.info("Status: %s", self.status_line("log"))
         if self.notifier.enabled and now >= self.next_systemd_status:
             self.next_systemd_status = now + SYSTEMD_STATUS_INTERVAL_S
-            self.notifier.status(self.status_line("systemd"))
+            _, body = self.health()
+            problems = [f"{n} {st['state']}" + (f" ({st['reason']})" if st.get("reason") else "")
+                        for n, st in body["stages"].items() if n in body["stalled"] + body["failing"]]
+            prefix = f"Unhealthy: {'; '.join(problems)} | " if problems else ""
+            self.notifier.status(prefix + self.status_line("systemd"))
         interval = self.notifier.watchdog_interval
         if interval and now >= self.next_watchdog:
-            ok, _ = self.health()
-            if ok:
+            ok, body = self.health()
+            # A stage that reports a problem (a broker it cannot reach) keeps the watchdog fed:
+            # the process is alive, and a restart would not bring the broker back.
+            if ok or (self.started and not body["stalled"]):
                 self.notifier.watchdog()
                 self.next_watchdog = now + interval
 

@@ -22,6 +22,7 @@ never raised. ``MAXMSGSIZE`` caps what a PULL socket accepts.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Union
 
@@ -29,6 +30,9 @@ import zmq
 
 from edgepipe.messages import EndMarker, Frame, MessageError, decode, encode_eos
 from edgepipe.metrics import StageMetrics
+from edgepipe.ratelimit import CauseLog
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HWM",
@@ -78,6 +82,7 @@ class Input:
             raise ValueError(f"link policy {policy!r} is not one of {', '.join(HWM)}")
         self.endpoints = [endpoints] if isinstance(endpoints, str) else list(endpoints)
         self.policy = policy
+        self._bad = CauseLog(log)
         self.metrics = metrics
         self.sock = ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.RCVHWM, HWM[policy] if hwm is None else hwm)
@@ -106,10 +111,11 @@ class Input:
     def _decode(self, parts: List[Any]) -> Optional[Item]:
         try:
             item = decode(parts)
-        except MessageError:
+        except MessageError as exc:
             if self.metrics is not None:
                 self.metrics.errors.labels("decode").inc()
                 self.metrics.dropped.labels("error").inc()
+            self._bad.log(logging.WARNING, f"Dropped a message that does not decode: {exc}")
             return None
         if isinstance(item, Frame) and self.metrics is not None:
             self.metrics.received.inc()

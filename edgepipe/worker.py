@@ -31,13 +31,14 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple, Union
 
 import msgpack
 import zmq
 
-from edgepipe.messages import EndMarker, Frame, encode
-from edgepipe.metrics import StageMetrics
+from edgepipe.messages import EndMarker, Frame, encode, frame_problem
+from edgepipe.metrics import MetricsError, StageMetrics
+from edgepipe.ratelimit import CauseLog
 from edgepipe.registry import Registry
 from edgepipe.runtime import PositionFile, configure_logging
 from edgepipe.stage import EndOfStream, Processor, Source, Stage, StageContext, StageError
@@ -89,7 +90,7 @@ class StageRunner:
         self.blocked = False
         self.done = False
         self.stop_requested = False
-        self.last_error_log = 0.0
+        self.error_log = CauseLog(log, ERROR_LOG_INTERVAL_S)  # one line per cause and interval
         self.fps_window: List[Tuple[float, float]] = []
         self.spinning = False  # a source whose read() returned None without waiting
         self.resume: int = int(spec.get("resume") or 0)
@@ -258,9 +259,10 @@ class Worker:
             settings = self.registry.plugins[spec["type"]].settings_model().model_validate(
                 spec["settings"]
             )
-            metrics = StageMetrics(spec["name"], cls.kind, bool(spec.get("detector")))
+            metrics = StageMetrics(spec["name"], cls.kind)
             context = StageContext(
-                spec["name"], metrics, self.plan.get("runtime_dir"), int(spec.get("resume") or 0)
+                spec["name"], metrics, self.plan.get("runtime_dir"), int(spec.get("resume") or 0),
+                pipeline=str(self.plan.get("pipeline") or "edgepipe"),
             )
             self.runners.append(StageRunner(spec, cls(settings, context)))
 
@@ -326,17 +328,14 @@ class Worker:
         r.metrics.last_progress.set(time.time())
         log.debug("Stage %r ended", r.name)
 
-    def count_error(self, r: StageRunner, kind: str, exc: BaseException, dropped: int) -> None:
+    def count_error(self, r: StageRunner, kind: str, exc: Union[BaseException, str], dropped: int) -> None:
+        """Count an error of ``kind`` (and ``dropped`` frames); one log line per cause and
+        interval. ``exc`` is the exception, or the reason as text."""
         r.metrics.errors.labels(kind).inc()
         if dropped:
             r.metrics.dropped.labels("error").inc(dropped)
-        now = time.monotonic()
-        if now - r.last_error_log >= ERROR_LOG_INTERVAL_S:
-            r.last_error_log = now
-            log.error(
-                "Stage %r %s error (later ones within %.0f s are only counted): %s",
-                r.name, kind, ERROR_LOG_INTERVAL_S, _one_line(exc),
-            )
+        text = exc if isinstance(exc, str) else _one_line(exc)
+        if r.error_log.log(logging.ERROR, f"Stage {r.name!r} {kind} error: {text}") and not isinstance(exc, str):
             log.debug("%s", "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def step_source(self, r: StageRunner) -> None:
@@ -360,6 +359,10 @@ class Worker:
         dt = time.monotonic() - t0
         r.spinning = frame is None and dt < SOURCE_SPIN_S
         if frame is None:
+            return
+        problem = frame_problem(frame)
+        if problem:  # not a picture the pipeline can work on: refused where it enters
+            self.count_error(r, "source", problem, 1)
             return
         m = r.metrics
         m.processing_seconds.observe(dt)
@@ -437,6 +440,8 @@ class Worker:
         m.processing_seconds.observe(dt)
         m.busy_seconds.inc(dt)
         m.last_progress.set(time.time())
+        if not isinstance(r.stage, Processor):
+            m.detections_seen.inc(sum(0 if f.detections is None else len(f.detections) for f in batch))
         if out and isinstance(r.stage, Processor):
             for f in out:
                 f.timing[r.name] = f.timing.get(r.name, 0.0) + dt / max(1, len(batch))
@@ -507,7 +512,7 @@ class Worker:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    if not isinstance(exc, StageError):
+    if not isinstance(exc, (StageError, MetricsError)):  # those name what failed themselves
         text = f"{type(exc).__name__}: {text}"
     return text
 
@@ -556,7 +561,9 @@ def main() -> int:
         worker.failed("Failed to start", exc)
         worker.control.close(linger=1000)
         return EXIT_START_FAILED
-    worker.send("READY", {"pid": os.getpid()})
+    # The series each stage declared, for the supervisor to refuse clashes between stages.
+    series = {r.name: [s.spec() for s in r.metrics.series.values()] for r in worker.runners}
+    worker.send("READY", {"pid": os.getpid(), "series": series})
     worker.heartbeat()
     code = EXIT_FINISHED
     try:

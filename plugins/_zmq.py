@@ -61,8 +61,9 @@ def check_curve_keys(config: Any) -> None:
 class ZmqEndpoint:
     """One socket of ``socket_type`` set up from an :class:`EndpointConfig` (CURVE, limits, HWM).
 
-    With ``metrics`` (the stage's), a CURVE server marks it (``curve_server``) and counts each
-    refused client in ``rejected_clients`` (``edgepipe_security_rejected_clients_total``)."""
+    With ``metrics`` (the stage's), a CURVE server declares
+    ``edgepipe_security_rejected_clients_total`` (so it exists at 0 from the start) and counts
+    each refused client in it."""
 
     def __init__(
         self,
@@ -82,10 +83,14 @@ class ZmqEndpoint:
         self._curve = config.curve is not None
         try:
             if config.bind is not None:
-                on_reject = metrics.rejected_clients.inc if metrics is not None else None
-                secure_server(self.socket, config.curve, self.context, max_message_size, on_reject)
+                on_reject = None
                 if metrics is not None and self._curve:
-                    metrics.curve_server = True
+                    on_reject = metrics.counter(
+                        "edgepipe_security_rejected_clients_total",
+                        "CURVE handshakes refused because the client's key is not in the "
+                        "allow-list (stages holding a CURVE server).",
+                    ).inc
+                secure_server(self.socket, config.curve, self.context, max_message_size, on_reject)
                 self.socket.bind(config.bind)
                 self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             else:

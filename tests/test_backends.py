@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from edgepipe_plugins.processors.yolov5 import YoloV5Config, YoloV5Stage
+from helpers.yolo import detector_info
 
 from edgepipe.messages import Frame
 from edgepipe.stage import StageContext
@@ -77,8 +78,8 @@ def test_yolov5_stage_says_which_backend_runs_and_gives_torch_candidates(caplog)
         for s in stages.values():
             s.start()
     try:
-        assert stages["auto"].metrics.info["backend"] == "onnxruntime"
-        assert stages["torch"].metrics.info["backend"] == "torch"
+        assert detector_info(stages["auto"])["backend"] == "onnxruntime"
+        assert detector_info(stages["torch"])["backend"] == "torch"
         assert "backend onnxruntime" in caplog.text and "backend torch" in caplog.text
         frames = {k: [Frame("cam", i, 0.0, image=img) for i, img in enumerate(images(3, 48, 64))] for k in stages}
         out = {k: s.process(frames[k]) for k, s in stages.items()}
@@ -167,7 +168,7 @@ def test_yolov5_stage_runs_openvino_and_names_it(caplog):
         stage.start()
         torch_stage.start()
     try:
-        assert stage.metrics.info["backend"] == "openvino" and stage.metrics.info["precision"] == "fp32"
+        assert detector_info(stage)["backend"] == "openvino" and detector_info(stage)["precision"] == "fp32"
         assert "backend openvino" in caplog.text
         frames = [Frame("cam", i, 0.0, image=img) for i, img in enumerate(images(2, 48, 64))]
         twins = [Frame("cam", i, 0.0, image=img) for i, img in enumerate(images(2, 48, 64))]

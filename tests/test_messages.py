@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import msgpack
@@ -28,6 +29,7 @@ from edgepipe.messages import (
     dumps,
     encode,
     encode_eos,
+    frame_problem,
 )
 
 DTYPES = ["uint8", "uint16", "float16", "float32", "float64", "int32", "int64"]
@@ -69,7 +71,7 @@ def test_full_frame_roundtrip():
 
 
 def test_non_contiguous_and_empty_arrays():
-    base = np.arange(100, dtype=np.float32).reshape(10, 10)
+    base = np.arange(100, dtype=np.uint8).reshape(10, 10)
     f = Frame(source="s", frame_id=0, timestamp=1.0, image=base[:, ::2], candidates=np.zeros((0, 6), np.float32))
     g = roundtrip(f)
     np.testing.assert_array_equal(g.image, base[:, ::2])
@@ -96,6 +98,27 @@ def test_any_array_roundtrips(arr, frame_id, ts, source):
     g = roundtrip(Frame(source=source, frame_id=frame_id, timestamp=ts, candidates=arr))
     np.testing.assert_array_equal(g.candidates, arr)
     assert g.candidates.dtype == arr.dtype and g.frame_id == frame_id and g.source == source
+
+
+@pytest.mark.parametrize(
+    "field, array, message",
+    [
+        ("image", np.zeros((4, 4), np.float64), "image is float64; pictures are 8-bit (uint8)"),
+        ("image", np.zeros((4, 4), np.uint16), "image is uint16; pictures are 8-bit (uint8)"),
+        ("original", np.zeros((4, 4, 3), np.float32), "original is float32; pictures are 8-bit (uint8)"),
+        ("image", np.zeros((2, 4, 4, 3), np.uint8), "image has shape (2, 4, 4, 3); a picture is (H, W) or (H, W, C)"),
+        ("image", np.zeros((4, 4, 2), np.uint8), "image has shape (4, 4, 2)"),
+    ],
+)
+def test_pictures_are_8_bit_gray_or_color(field, array, message):
+    """A float or 16-bit picture would pass through the detector as plausible nonsense (empty
+    detections): the wire refuses it, naming what it is."""
+    with pytest.raises(MessageError, match=re.escape(message)):
+        decode(encode(Frame(source="cam", frame_id=1, timestamp=2.0, **{field: array})))
+    problem = frame_problem(Frame(source="cam", frame_id=1, timestamp=2.0, **{field: array}))
+    assert problem is not None and problem.startswith("frame cam/1: ") and message in problem
+    for ok in (np.zeros((4, 4), np.uint8), np.zeros((4, 4, 1), np.uint8), np.zeros((4, 4, 4), np.uint8)):
+        assert frame_problem(Frame(source="cam", frame_id=1, timestamp=2.0, **{field: ok})) is None
 
 
 @settings(max_examples=300, deadline=None)

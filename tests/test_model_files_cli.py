@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from helpers.yolo import randomize
+from helpers.yolo import detector_info, randomize
 
 from edgepipe.scenes import render_scene
 from edgepipe.yolo.model import build_model
@@ -126,7 +126,7 @@ def test_exported_onnx_runs_in_detect_and_as_stage_weights(small, scene_png, tmp
                                      backend="onnxruntime", conf_thres=0.05), StageContext("onnx"))
     stage.start()
     try:
-        assert stage.metrics.info["backend"] == "onnxruntime" and stage.metrics.info["model"] == "small.onnx"
+        assert detector_info(stage)["backend"] == "onnxruntime" and detector_info(stage)["model"] == "small.onnx"
         assert stage.names == ["cat", "dog", "bird"]
     finally:
         stage.stop()

@@ -38,12 +38,15 @@ def test_synthetic_config_publishes_to_edgepipe_subscribe(tmp_path: Path):
     config = yaml.safe_load((REPO / "configs/synthetic.yaml").read_text())
     env = {"EDGEPIPE_PUB": endpoint, "EDGEPIPE_METRICS": "127.0.0.1:0", "EDGEPIPE_DEVICE": "cpu"}
     with Daemon(config, tmp_path, env=env) as daemon:
+        # The shipped config runs yolov5s at 640: on two busy cores its export and warm-up take
+        # minutes, so wait for READY first; the bounds below only catch a hang.
+        daemon.wait_ready(600)
         sub = subprocess.Popen(
-            [sys.executable, "-m", "edgepipe", "subscribe", endpoint, "--topic", "detections/", "--count", "5", "--timeout", "120"],
+            [sys.executable, "-m", "edgepipe", "subscribe", endpoint, "--topic", "detections/", "--count", "5", "--timeout", "300"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         try:
-            out, err = sub.communicate(timeout=150)
+            out, err = sub.communicate(timeout=330)
         finally:
             if sub.poll() is None:
                 sub.kill()

@@ -13,6 +13,7 @@ import torch
 from edgepipe_plugins.processors.letterbox import LetterboxConfig, LetterboxStage
 from edgepipe_plugins.processors.nms import NmsConfig, NmsStage
 from edgepipe_plugins.processors.yolov5 import YoloV5Config, YoloV5Stage
+from helpers.yolo import detector_info
 from pydantic import ValidationError
 
 from edgepipe.messages import Frame
@@ -90,13 +91,13 @@ def test_yolov5_candidates_match_the_model_and_batches_group_by_shape(detector: 
     tall = prep.process(scene_frames(2, 90, 160, "tall", seed=1))  # -> 96x64
     frames = [wide[0], tall[0], wide[1], wide[2], tall[1]]  # mixed shapes in one call
     inputs = [f.image.copy() for f in frames]
-    before = detector.metrics.batch_size.count
+    before = detector.batch_size.count
 
     out = detector.process(frames)
 
     assert [(f.source, f.frame_id) for f in out] == [("wide", 0), ("tall", 0), ("wide", 1), ("wide", 2), ("tall", 1)]
-    assert detector.metrics.batch_size.count - before == 2  # one batch per letterboxed shape
-    assert detector.metrics.inference_seconds.count >= 2
+    assert detector.batch_size.count - before == 2  # one batch per letterboxed shape
+    assert detector.inference_seconds.count >= 2
     ref_wide = reference_rows([inputs[0], inputs[2], inputs[3]], 0.001)
     ref_tall = reference_rows([inputs[1], inputs[4]], 0.001)
     for f, ref in zip([out[0], out[2], out[3], out[1], out[4]], ref_wide + ref_tall):
@@ -117,7 +118,7 @@ def test_yolov5_candidates_match_the_model_and_batches_group_by_shape(detector: 
         assert (f.candidates[:, 4] > median).all()
         np.testing.assert_allclose(f.candidates, ref[ref[:, 4] > median], rtol=1e-4, atol=1e-4)
     assert 0 < sum(len(f.candidates) for f in again) < sum(len(r) for r in ref_wide)
-    assert detector.metrics.info == {"device": "cpu", "precision": "fp32", "backend": "torch", "model": "yolov5n (untrained, seed 3)"}
+    assert list(detector.info.children) == [("cpu", "fp32", "torch", "yolov5n (untrained, seed 3)")]
 
 
 def test_yolov5_letterboxes_raw_frames_and_keeps_image_on_request(detector: YoloV5Stage):
@@ -253,7 +254,7 @@ def test_yolov5_loads_a_weights_file(tmp_path, detector: YoloV5Stage):
     for g, e in zip(got, expected):
         np.testing.assert_allclose(g.candidates, e.candidates, rtol=1e-4, atol=1e-4)
         assert g.names[:2] == ["thing0", "thing1"]
-    assert stage.metrics.info["model"] == "n.safetensors"
+    assert detector_info(stage)["model"] == "n.safetensors"
 
 
 @pytest.mark.cuda
@@ -275,7 +276,8 @@ def test_yolov5_on_cuda_runs_fp16_and_matches_the_cpu(detector: YoloV5Stage):
             g_strong = g.candidates[g.candidates[:, 4] > 0.01]
             assert abs(len(strong) - len(g_strong)) <= max(2, len(strong) // 20)
             assert g.candidates.dtype == np.float32
-        assert stage.metrics.info["precision"] == "fp16" and stage.metrics.info["device"].startswith("cuda")
-        assert list(stage.metrics.gpu_memory.values.values())[0] > 0
+        ((device, precision, _, _),) = stage.info.children  # the one label set the stage reports
+        assert precision == "fp16" and device.startswith("cuda")
+        assert list(stage.gpu_memory.children.values())[0].value > 0
     finally:
         stage.stop()

@@ -73,7 +73,7 @@ def test_zmq_pub_detection_messages_reach_a_subscriber(sub_ctx: zmq.Context):
     sink.start()
     try:
         sub = subscribed(sink, sub_ctx)
-        published_before = sink.metrics.published.value
+        published_before = sink.published.value
 
         sink.process([det_frame("cam1", 0), det_frame("cam2", 0, n=0), det_frame("cam1", 1, n=3)])
         got: List[Tuple[bytes, dict]] = []
@@ -89,9 +89,9 @@ def test_zmq_pub_detection_messages_reach_a_subscriber(sub_ctx: zmq.Context):
     assert first["detections"][1] == {"bbox": [55.0, 30.0, 85.0, 70.0], "confidence": 0.8, "class_id": 1, "label": "square"}
     assert got[1][1]["detections"] == [] and len(got[2][1]["detections"]) == 3
     assert 0.04 < first["timing"]["latency"] < 5
-    assert sink.metrics.published.value - published_before == 3
-    assert sink.metrics.frame_age.count >= 3 and sink.metrics.frame_age.sum > 0
-    assert sink.metrics.detections.value >= 5
+    assert sink.published.value - published_before == 3
+    assert sink.frame_age.count >= 3 and sink.frame_age.sum > 0
+    assert sink.detections.value >= 5
 
 
 def test_zmq_pub_delivers_its_last_messages_when_it_stops(sub_ctx: zmq.Context):
@@ -201,7 +201,7 @@ def test_jsonl_lines_and_rotation(tmp_path: Path):
         ids += [m["frame_id"] for m in lines]
     # The newest messages survive, in order, none twice; the oldest went with the dropped backup.
     assert ids == list(range(40 - len(ids), 40)) and len(ids) < 40
-    assert sink.metrics.published.value == 40 and sink.metrics.detections.value == 80
+    assert sink.published.value == 40 and sink.detections.value == 80
 
 
 def test_jsonl_appends_and_truncates_without_backups(tmp_path: Path):
@@ -289,7 +289,7 @@ def test_zmq_push_forwards_frames_and_end_markers(tmp_path: Path):
     assert [f.frame_id for f in frames] == [0, 1, 2] and isinstance(eos, EndMarker) and eos.source == "cam"
     np.testing.assert_array_equal(frames[2].image, image)
     assert frames[0].ratio == (0.5, 0.5) and (frames[0].width, frames[0].height) == (128, 64)
-    assert sink.metrics.published.value == 3
+    assert sink.published.value == 3
 
 
 def test_zmq_push_drops_after_send_timeout_without_a_receiver(tmp_path: Path):
@@ -303,7 +303,7 @@ def test_zmq_push_drops_after_send_timeout_without_a_receiver(tmp_path: Path):
         sink.stop()
     # hwm 1: the first frame waits in the socket's queue; the other two time out and are dropped.
     assert sink.metrics.dropped.labels("queue_full").value == 2
-    assert sink.metrics.published.value == 1
+    assert sink.published.value == 1
     assert time.monotonic() - t0 < 3
 
 
@@ -318,6 +318,6 @@ def test_jsonl_full_disk_drops_and_counts_without_failing(caplog: pytest.LogCapt
     finally:
         sink.stop()
     assert sink.metrics.errors.labels("process").value == 5
-    assert sink.metrics.published.value == 0
+    assert sink.published.value == 0
     outage = [r.getMessage() for r in caplog.records if "Cannot write" in r.getMessage()]
     assert len(outage) == 1 and "No space left on device" in outage[0]

@@ -208,8 +208,8 @@ def test_api_latest_reports_detections_and_stats(sink: PreviewSink, feeder: Feed
     assert stages["yolov5"]["mean_ms"] == pytest.approx(30.0)
     assert stages["letterbox"]["fps"] == pytest.approx(2 * stages["yolov5"]["fps"], rel=0.2)
     assert doc["palette"][0] == "#ff0000"
-    assert sink.metrics.published.value >= 2 * cam["frames"] - 2
-    assert sink.metrics.detections.value >= 3 * cam["frames"] - 3
+    assert sink.published.value >= 2 * cam["frames"] - 2
+    assert sink.detections.value >= 3 * cam["frames"] - 3
 
 
 def _read_parts(url: str, seconds: float) -> List[bytes]:

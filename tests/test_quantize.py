@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from helpers.yolo import detector_info
 
 from edgepipe.scenes import render_scene
 
@@ -77,7 +78,7 @@ def test_the_stage_runs_the_int8_model_and_says_why(demo_int8, caplog):
     with caplog.at_level(logging.INFO):
         stage.start()
     try:
-        assert stage.metrics.info["precision"] == "int8" and stage.metrics.info["backend"] in ("onnxruntime", "openvino")
+        assert detector_info(stage)["precision"] == "int8" and detector_info(stage)["backend"] in ("onnxruntime", "openvino")
         assert "int8 gate passed when quantized: int8 mAP@0.5" in caplog.text
         img, truth = render_scene(np.random.default_rng(3), 256, 192, n_objects=(3, 3), size_range=(40, 70))
         (frame,) = stage.process([Frame("cam", 0, 0.0, image=img)])

@@ -38,7 +38,7 @@ def test_rtsp_source_survives_a_server_restart(caplog: pytest.LogCaptureFixture)
         first = collect(src, 10, timeout=30)
         assert [f.frame_id for f in first] == list(range(10))
         assert all(f.source == "door" and f.image.shape == (120, 160, 3) for f in first)
-        assert src.metrics.reconnects.value == 0
+        assert src.reconnects.value == 0
 
         server.stop()
         # The stream is gone: after the decoder's buffer runs dry, read() answers None.
@@ -54,7 +54,7 @@ def test_rtsp_source_survives_a_server_restart(caplog: pytest.LogCaptureFixture)
         later = collect(src, 10, timeout=40)
         n = len(first)
         assert [f.frame_id for f in later] == list(range(n, n + 10)), "frame ids must continue across the reconnect"
-        assert src.metrics.reconnects.value >= 1
+        assert src.reconnects.value >= 1
     finally:
         src.stop()
         server.stop()
@@ -93,7 +93,7 @@ def test_rtsp_gives_up_after_max_reconnects():
         with pytest.raises(StageError, match="gave up after 3 failed attempts"):
             while time.monotonic() < deadline:
                 src.read()
-        assert src.metrics.reconnects.value == 2
+        assert src.reconnects.value == 2
     finally:
         src.stop()
 

@@ -9,27 +9,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
 
 import pytest
-import yaml
+from helpers.samples import SAMPLES, sample_pipeline
 
-from edgepipe.config import load_config, parse_config
 from edgepipe.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(REPO.glob("configs/*.yaml"))
-SAMPLES = sorted(REPO.glob("plugins/*/*/sample.yaml"))
 SHIPPED = ["camera", "synthetic", "rtsp", "jetson-csi", "multi-camera"]
-
-# A sample may be a stage snippet whose inputs name stages it leaves out (e.g. a sink fed by
-# 'nms'); such inputs are supplied by this standard chain ending in the missing name.
-CHAIN: Dict[str, Dict[str, Any]] = {
-    "scene": {"type": "synthetic", "fps": 10},
-    "prep": {"type": "letterbox", "inputs": ["scene"]},
-    "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None},
-}
-
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
@@ -53,15 +41,7 @@ def test_the_shipped_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS + SAMPLES, ids=lambda p: str(p.relative_to(REPO)))
 def test_validates_with_no_environment(path: Path, registry: Registry):
-    data = yaml.safe_load(path.read_text())
-    stages = data["stages"]
-    missing = {i for s in stages.values() for i in s.get("inputs", []) if i not in stages}
-    if missing:  # a snippet: complete it with the standard chain
-        assert path in SAMPLES, f"{path}: names stages it does not define: {sorted(missing)}"
-        data = dict(data, stages={**CHAIN, **{m: {"type": "nms", "inputs": ["detector"]} for m in missing}, **stages})
-        pipeline = parse_config(data, registry, env={})
-    else:
-        pipeline = load_config(str(path), registry, env={})
+    pipeline = sample_pipeline(path, registry)  # a snippet is completed with the standard chain
     assert pipeline.stages
 
 

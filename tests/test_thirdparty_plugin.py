@@ -107,3 +107,72 @@ def test_broken_plugin_is_one_line_naming_it():
         "stages.g.type: plugin 'ghost' (no_such_module_xyz:Stage) failed to import: "
         "ModuleNotFoundError: No module named 'no_such_module_xyz'"
     ]
+
+
+def test_thirdparty_series_and_health_on_a_real_scrape(tmp_path):
+    """The pip-installed plugin's own series (declared through its StageMetrics) are on
+    /metrics of a running daemon with the stage label, beside the standard sink series it
+    declares alike; a stage reporting a problem makes /healthz name it with the reason, without
+    stopping the pipeline, until it reports healthy again."""
+    config = {
+        "name": "series",
+        "stages": {
+            "count": {"type": "counter", "fps": 20},
+            "tag": {"type": "passthrough", "inputs": ["count"], "tag": "blue", "problem_from": 30, "problem_until": 200},
+            "rec": {"type": "record", "inputs": ["tag"], "path": str(tmp_path / "rec.jsonl")},
+        },
+    }
+    with Daemon(config, tmp_path) as d:
+        d.wait_ready()
+        d.wait_until(lambda: (d.sample("edgepipe_passthrough_frames_total", stage="tag", tag="blue") or 0) >= 10,
+                     60, "the plugin's own counter counts")
+        assert (d.sample("edgepipe_record_lines_written_total", stage="rec") or 0) >= 1
+        assert d.sample("edgepipe_sink_messages_published_total", stage="rec") is not None
+        assert d.sample("edgepipe_sink_frame_age_seconds_count", stage="rec") is not None
+        assert d.sample("edgepipe_stage_healthy", stage="tag") == 1.0
+
+        code, body = d.wait_until(lambda: (lambda h: h if h[0] == 503 else None)(d.healthz()), 60,
+                                  "/healthz reports the stage's problem")
+        assert body["status"] == "failing" and body["failing"] == ["tag"] and body["stalled"] == []
+        assert body["stages"]["tag"]["state"] == "failing"
+        assert body["stages"]["tag"]["reason"] == "cannot reach the test broker since frame 30"
+        assert d.sample("edgepipe_stage_healthy", stage="tag") == 0.0
+        before = d.sample("edgepipe_record_lines_written_total", stage="rec") or 0
+        d.wait_until(lambda: (d.sample("edgepipe_record_lines_written_total", stage="rec") or 0) > before + 5,
+                     60, "frames keep flowing while the stage is unhealthy")
+        assert "Unhealthy: cannot reach the test broker since frame 30" in d.log
+        d.wait_until(lambda: d.healthz()[0] == 200, 60, "healthy again once the stage says so")
+        assert d.sample("edgepipe_stage_healthy", stage="tag") == 1.0
+
+
+@pytest.mark.parametrize(
+    "stages, expected",
+    [
+        (
+            {"tag": {"type": "passthrough", "inputs": ["count"], "series": "frames_total"}},
+            "stage 'tag': series 'frames_total': a series name is 'edgepipe_' then lower-case letters, digits and '_'",
+        ),
+        (
+            # Two stages of one daemon declaring a name as different kinds: the second is refused.
+            {"tag": {"type": "passthrough", "inputs": ["count"], "series": "edgepipe_shared_total"},
+             "tag2": {"type": "passthrough", "inputs": ["tag"], "series": "edgepipe_shared_total",
+                      "series_labels": ["zone"]}},
+            "series 'edgepipe_shared_total' clashes with stage",
+        ),
+    ],
+    ids=["bad-name", "clash"],
+)
+def test_a_bad_series_stops_the_start_with_one_line(tmp_path, stages, expected):
+    last = list(stages)[-1]
+    config = {
+        "name": "badseries",
+        "stages": {
+            "count": {"type": "counter", "count": 5},
+            **stages,
+            "rec": {"type": "record", "inputs": [last], "path": str(tmp_path / "rec.jsonl")},
+        },
+    }
+    with Daemon(config, tmp_path) as d:
+        assert d.wait(120) == 1
+    assert expected in d.log, d.log
+    assert "Traceback" not in d.log

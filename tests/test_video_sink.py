@@ -227,4 +227,4 @@ def test_writing_keeps_up(tmp_path: Path) -> None:
     per_frame = (time.perf_counter() - t) / len(frames)
     sink.stop()
     assert per_frame < 0.033, f"{per_frame * 1000:.1f} ms per 1280x720 frame"
-    assert sink.metrics.published.value == 30 and sink.metrics.detections.value == 60
+    assert sink.published.value == 30 and sink.detections.value == 60

@@ -1,17 +1,47 @@
-"""Helpers the first-party processors share."""
+"""Helpers the first-party processors share: the ``imgsz`` setting and in-place reconfiguration."""
 
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple, Union
+import re
+from typing import Any, Iterable, List, Tuple, Union
+
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
 
 from edgepipe.stage import StageConfig
 
-__all__ = ["only_changed", "parse_imgsz"]
+__all__ = ["IMGSZ_MAX", "IMGSZ_MIN", "ImageSize", "only_changed", "parse_imgsz"]
+
+IMGSZ_MIN = 32  # one cell of the coarsest (stride 32) detection level
+IMGSZ_MAX = 8192
+
+
+def _side(value: Any) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):  # from ${VAR} interpolation
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("imgsz is an int or [height, width] of ints")
+    if not IMGSZ_MIN <= value <= IMGSZ_MAX:
+        raise ValueError(f"imgsz sides must be between {IMGSZ_MIN} and {IMGSZ_MAX}")
+    return value
+
+
+def _imgsz(value: Any) -> Union[int, List[int]]:
+    """An int (square) or [height, width], each side an int in range; anything else is one
+    ValueError (a single message, so the config error is one line)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ValueError("imgsz is an int or [height, width] of ints")
+        return [_side(v) for v in value]
+    return _side(value)
+
+
+ImageSize = Annotated[Union[int, List[int]], BeforeValidator(_imgsz)]
+"""The detector's input size setting: an int (square) or [height, width], sides 32-8192."""
 
 
 def parse_imgsz(value: Union[int, List[int]], stride: int = 32) -> Tuple[int, int]:
-    """``imgsz`` as (h, w): an int is square; [h, w] as given. ValueError if not a stride multiple.
-    Shared by the letterbox and yolov5 stages (a plugin never imports a sibling plugin)."""
+    """``imgsz`` as (h, w): an int is square; [h, w] as given. ValueError if not a stride multiple."""
     h, w = (value, value) if isinstance(value, int) else (value[0], value[1])
     if h % stride or w % stride:
         raise ValueError(f"imgsz {value} must be a multiple of the stride {stride}")

@@ -25,11 +25,17 @@ READ_WAIT_S = 0.1
 
 class NumberedSource(Source):
     """A source that hands out frame ids in the order read() returns frames: 0, 1, 2, ..., or
-    after a restart :attr:`resume`, resume + 1, ..."""
+    after a restart :attr:`resume`, resume + 1, ...
+
+    Every first-party source keeps ``edgepipe_source_reconnects_total`` (``self.reconnects``),
+    at 0 for those that never reconnect, so dashboards see one series per source."""
 
     def __init__(self, config: StageConfig, context: StageContext):
         super().__init__(config, context)
         self._next_id = self.resume
+        self.reconnects = self.metrics.counter(
+            "edgepipe_source_reconnects_total", "Times a source reconnected to its device or stream."
+        )
 
     def _emit(self, image: np.ndarray, timestamp: float, **meta: Any) -> Frame:
         frame = Frame(
@@ -40,10 +46,18 @@ class NumberedSource(Source):
 
 
 class CaptureSource(NumberedSource):
-    """A source read by a :class:`CaptureThread` (``self._capture``, made in ``start()``)."""
+    """A source read by a :class:`CaptureThread` (``self._capture``, made in ``start()``, with
+    ``self.reconnects.inc`` and ``self.capture_health`` as its callbacks)."""
 
     _capture: Optional[CaptureThread] = None
     _stop_timeout = 5.0  # seconds stop() waits for the thread (a read blocked in the driver)
+
+    def capture_health(self, problem: Optional[str]) -> None:
+        """The capture thread's ``on_health``: lost (the reason) or back (None)."""
+        if problem is None:
+            self.report_healthy()
+        else:
+            self.report_unhealthy(problem)
 
     def read(self) -> Optional[Frame]:
         assert self._capture is not None, "read() before start()"
@@ -95,7 +109,8 @@ class CaptureThread:
     ``open_capture()`` returns an opened ``cv2.VideoCapture`` or raises :class:`StageError`.
     After a failed open or read the thread waits ``backoff`` seconds (1 s, doubling up to
     ``max_backoff``) before it tries again, counts every attempt in ``on_reconnect`` and logs one
-    line per attempt; after ``max_reconnects`` consecutive failed attempts it gives up and
+    line per attempt; ``on_health`` hears the reason when the capture is lost and None when it
+    is back (the source reports it with :meth:`edgepipe.stage.Stage.report_unhealthy`); after ``max_reconnects`` consecutive failed attempts it gives up and
     :meth:`latest` raises the reason. A successful read resets the backoff. A read that took
     ``read_timeout`` seconds or more counts as failed even when it returned a frame: FFmpeg hands
     back an old picture when its timeout interrupts a stalled stream, which must not pass for a
@@ -108,6 +123,7 @@ class CaptureThread:
         open_capture: Callable[[], Any],
         log: Any,
         on_reconnect: Callable[[], None],
+        on_health: Optional[Callable[[Optional[str]], None]] = None,
         backoff: float = 1.0,
         max_backoff: float = 60.0,
         max_reconnects: Optional[int] = None,
@@ -117,6 +133,7 @@ class CaptureThread:
         self._open = open_capture
         self._log = log
         self._on_reconnect = on_reconnect
+        self._on_health = on_health or (lambda problem: None)
         self._backoff0 = backoff
         self._max_backoff = max_backoff
         self._max_reconnects = max_reconnects
@@ -165,6 +182,7 @@ class CaptureThread:
                 self._cap = self._open()
                 if attempts:
                     self._log.info("Reconnected to %r after %d attempt(s)", self.what, attempts)
+                    self._on_health(None)
                 while not self._stopping.is_set():
                     started = time.monotonic()
                     ok, image = self._cap.read()
@@ -197,8 +215,10 @@ class CaptureThread:
                     self._failure = f"{self.what!r}: gave up after {attempts} failed attempts ({reason})"
                     self._cond.notify_all()
                 return
+            self._on_health(f"lost {self.what!r}: {reason}")
             self._log.warning(
                 "Lost %r (%s); reconnecting in %g s (attempt %d)", self.what, reason, backoff, attempts
             )
             self._stopping.wait(backoff)
             backoff = min(backoff * 2, self._max_backoff)
+

@@ -56,6 +56,8 @@ def test_broken_config_is_refused_with_one_line_naming_the_path(path: Path, regi
     line = errors[0]
     assert "\n" not in line and len(line) < 400, line
     assert expect in line, f"{expect!r} not in {line!r}"
+    assert not re.search(r"got (.+) \(got \1\)", line), f"the value is quoted twice: {line!r}"
+    assert "should match pattern" not in line, f"a raw regular expression instead of words: {line!r}"
 
 
 def _cli(*args: str, **env: str) -> subprocess.CompletedProcess:

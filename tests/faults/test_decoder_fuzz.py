@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from edgepipe.messages import (
     ARRAY_FIELDS,
+    PICTURE_FIELDS,
     EndMarker,
     Frame,
     MessageError,
@@ -69,8 +70,13 @@ def test_random_byte_parts(parts: List[bytes]):
 def frames(draw: Any) -> Frame:
     arrays = {}
     for name in draw(st.sets(st.sampled_from(ARRAY_FIELDS), max_size=4)):
-        dtype = draw(st.sampled_from(DTYPES))
-        shape = draw(st.lists(st.integers(0, 6), min_size=2, max_size=4))
+        if name in PICTURE_FIELDS:  # pictures: 8-bit, (H, W) or (H, W, C) with C in 1, 3, 4
+            dtype = "uint8"
+            shape = draw(st.lists(st.integers(0, 6), min_size=2, max_size=2))
+            shape += draw(st.sampled_from([[], [1], [3], [4]]))
+        else:
+            dtype = draw(st.sampled_from(DTYPES))
+            shape = draw(st.lists(st.integers(0, 6), min_size=2, max_size=4))
         arrays[name] = np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
     return Frame(
         source=draw(st.text(min_size=1, max_size=8)),

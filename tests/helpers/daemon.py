@@ -28,6 +28,8 @@ What it does for you:
   metrics endpoint listens on a free port (``127.0.0.1:0``) and ``runtime.status_interval`` is 1 s;
 - starts ``python -m edgepipe run CONFIG`` in a new session (its own process group), with
   stdout/stderr read by a thread into :attr:`Daemon.lines` (also echoed on failure);
+- Every wait has a generous default bound (minutes, not seconds): a bound is there to catch a
+  hang, and CI shares two cores with other jobs, so a slow start is not a failure;
 - :meth:`wait_ready` waits for the supervisor's "Ready:" line and learns the metrics address
   from it; :meth:`wait_for_line` waits for any log text;
 - :meth:`metrics_text`, :meth:`sample`, :meth:`samples`, :meth:`healthz` scrape the endpoint;
@@ -169,7 +171,7 @@ class Daemon:
         with self._cond:
             return "\n".join(self.lines)
 
-    def wait_for_line(self, pattern: str, timeout: float = 60.0, start: int = 0) -> re.Match:
+    def wait_for_line(self, pattern: str, timeout: float = 120.0, start: int = 0) -> re.Match:
         """Wait until a log line (from index ``start``) matches ``pattern``; fail with the log."""
         rx = re.compile(pattern)
         deadline = time.monotonic() + timeout
@@ -189,7 +191,7 @@ class Daemon:
                     )
                 self._cond.wait(min(left, 0.2))
 
-    def wait_ready(self, timeout: float = 120.0) -> str:
+    def wait_ready(self, timeout: float = 300.0) -> str:
         """Wait for 'Ready:'; returns the metrics address (host:port)."""
         self.wait_for_line(r"Ready: ", timeout)
         assert self.metrics_address, f"Ready line without a metrics address:\n{self.log}"
@@ -201,7 +203,7 @@ class Daemon:
         else:
             os.kill(self.pid, sig)
 
-    def wait(self, timeout: float = 60.0) -> int:
+    def wait(self, timeout: float = 120.0) -> int:
         """Wait for the daemon to exit; its exit code (AssertionError with the log on timeout)."""
         assert self.proc is not None
         try:
@@ -215,7 +217,7 @@ class Daemon:
     def leftovers(self) -> List[int]:
         return process_group_members(self.pid) if self.proc is not None else []
 
-    def stop(self, group: bool = False, timeout: float = 30.0) -> int:
+    def stop(self, group: bool = False, timeout: float = 90.0) -> int:
         """SIGTERM, wait, and assert no process of the daemon's group is left; the exit code."""
         if self.proc is not None and self.proc.poll() is None:
             self.send(signal.SIGTERM, group=group)
@@ -223,7 +225,7 @@ class Daemon:
         self.assert_no_leftovers()
         return code
 
-    def assert_no_leftovers(self, grace: float = 5.0) -> None:
+    def assert_no_leftovers(self, grace: float = 15.0) -> None:
         deadline = time.monotonic() + grace
         while self.leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -244,7 +246,7 @@ class Daemon:
         if self.proc.poll() is None:
             self.send(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(90)
             except subprocess.TimeoutExpired:
                 os.killpg(self.pid, signal.SIGKILL)
                 self.proc.wait(10)
@@ -292,7 +294,7 @@ class Daemon:
         except urllib.error.HTTPError as e:
             return e.code, json.loads(e.read())
 
-    def wait_until(self, what: Callable[[], Any], timeout: float = 30.0, message: str = "") -> Any:
+    def wait_until(self, what: Callable[[], Any], timeout: float = 60.0, message: str = "") -> Any:
         """Poll ``what()`` until truthy; its value. AssertionError naming ``message`` otherwise."""
         deadline = time.monotonic() + timeout
         while True:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Dict
+
 import torch
 
 from edgepipe.yolo.model import Model
@@ -37,3 +39,11 @@ def randomize(model: Model, seed: int = 0) -> Model:
 def gray_batch(b: int, h: int, w: int, seed: int = 1) -> torch.Tensor:
     """(b, 1, h, w) uniform [0, 1) from a fixed seed."""
     return torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def detector_info(stage: Any) -> Dict[str, str]:
+    """The labels of a yolov5 stage's ``edgepipe_detector_info`` (device, precision, backend,
+    model), as ``/metrics`` shows them."""
+    series = stage.metrics.get("edgepipe_detector_info")
+    (values,) = series.children  # one label set at a time
+    return dict(zip(series.label_names, values))

@@ -14,20 +14,20 @@ downstream, unless the config sets it.
 
 from __future__ import annotations
 
-from typing import ClassVar, List, Optional, Tuple, Union
+from typing import ClassVar, List, Optional, Tuple
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from edgepipe.messages import Frame
 from edgepipe.stage import Processor, StageConfig
 
-from .._common import parse_imgsz
+from .._common import ImageSize, parse_imgsz
 
-__all__ = ["LetterboxConfig", "LetterboxStage", "parse_imgsz"]
+__all__ = ["LetterboxConfig", "LetterboxStage"]
 
 
 class LetterboxConfig(StageConfig):
-    imgsz: Union[int, List[int]] = Field(
+    imgsz: ImageSize = Field(
         640,
         description="Detector input size: an int (square) or [height, width], multiples of stride.",
     )
@@ -44,16 +44,6 @@ class LetterboxConfig(StageConfig):
         description="Carry the source frame along (Frame.original) for sinks that draw on it. "
         "Default: true when such a sink (preview, video, zmq_pub with frames_fps) is downstream.",
     )
-
-    @field_validator("imgsz")
-    @classmethod
-    def _imgsz(cls, value: Union[int, List[int]]) -> Union[int, List[int]]:
-        sides = [value] if isinstance(value, int) else value
-        if isinstance(value, list) and len(value) != 2:
-            raise ValueError(f"imgsz must be an int or [height, width], got {value}")
-        if not all(32 <= s <= 8192 for s in sides):
-            raise ValueError(f"imgsz sides must be between 32 and 8192, got {value}")
-        return value
 
     @model_validator(mode="after")
     def _stride_multiple(self) -> LetterboxConfig:

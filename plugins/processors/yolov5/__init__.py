@@ -35,10 +35,11 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from edgepipe.messages import Frame
+from edgepipe.metrics import BATCH_BUCKETS, PROCESSING_BUCKETS
 from edgepipe.stage import Processor, StageConfig, StageError
 from edgepipe.yolo.builtin import WeightsRef, check_weights_readable
 
-from .._common import only_changed, parse_imgsz
+from .._common import ImageSize, only_changed, parse_imgsz
 
 __all__ = ["YoloV5Config", "YoloV5Stage"]
 
@@ -69,7 +70,7 @@ class YoloV5Config(StageConfig):
         "pass the accuracy gate (bf16 on OpenVINO where the CPU has it). fp32, fp16 (CUDA) or bf16 "
         "(OpenVINO) pin it. int8 comes from a model made by `edgepipe quantize`.",
     )
-    imgsz: Union[int, List[int]] = Field(
+    imgsz: ImageSize = Field(
         640,
         description="Input size (int or [height, width]) for the warm-up and for frames that "
         "arrive without a letterbox stage in front.",
@@ -136,8 +137,8 @@ class YoloV5Config(StageConfig):
 
     @field_validator("imgsz")
     @classmethod
-    def _imgsz(cls, value: Union[int, List[int]]) -> Union[int, List[int]]:
-        parse_imgsz(value)
+    def _stride(cls, value: Union[int, List[int]]) -> Union[int, List[int]]:
+        parse_imgsz(value)  # a multiple of 32; the model's own stride is checked at start
         return value
 
     @field_validator("cfg")
@@ -160,6 +161,23 @@ class YoloV5Stage(Processor):
     def __init__(self, config: YoloV5Config, context):
         super().__init__(config, context)
         self._imgsz = parse_imgsz(config.imgsz)
+        m = self.metrics
+        self.batch_size = m.histogram(
+            "edgepipe_detector_batch_size", "Frames per inference batch.", BATCH_BUCKETS
+        )
+        self.inference_seconds = m.histogram(
+            "edgepipe_detector_inference_seconds", "Time spent in one forward pass.", PROCESSING_BUCKETS
+        )
+        self.info = m.gauge(
+            "edgepipe_detector_info",
+            "The detector's device, precision, backend and model (always 1).",
+            labels=("device", "precision", "backend", "model"),
+        )
+        self.gpu_memory = m.gauge(
+            "edgepipe_gpu_memory_allocated_bytes",
+            "GPU memory the stage's process has allocated (CUDA only).",
+            labels=("device",),
+        )
 
     def check(self) -> None:
         import importlib.util
@@ -203,9 +221,10 @@ class YoloV5Stage(Processor):
 
             self._torch = torch
             self.device = torch.device(d.device)
-        self.metrics.set_info(device=d.device, precision=d.precision, backend=d.backend.name, model=d.label)
+        self.info.clear()
+        self.info.labels(device=d.device, precision=d.precision, backend=d.backend.name, model=d.label).set(1)
         if self.cuda:
-            self.metrics.gpu_memory.set(self._torch.cuda.memory_allocated(self.device))
+            self.gpu_memory.labels(str(self.device)).set(self._torch.cuda.memory_allocated(self.device))
         self.log.info(
             "Model %r ready on %s (%s, backend %s, %d classes, input %dx%d): %s",
             d.label, d.device, d.precision, d.backend.name, len(self.names), self._imgsz[1], self._imgsz[0],
@@ -257,8 +276,8 @@ class YoloV5Stage(Processor):
                 batch = np.stack([inputs[i] for i in chunk])  # (B, H, W), a fresh writable array
                 t0 = time.perf_counter()
                 rows, counts = self._forward(batch)
-                self.metrics.inference_seconds.observe(time.perf_counter() - t0)
-                self.metrics.batch_size.observe(len(chunk))
+                self.inference_seconds.observe(time.perf_counter() - t0)
+                self.batch_size.observe(len(chunk))
                 offsets = np.concatenate([[0], np.cumsum(counts)])
                 for j, i in enumerate(chunk):
                     frames[i].candidates = np.ascontiguousarray(rows[offsets[j] : offsets[j + 1]])
@@ -268,7 +287,7 @@ class YoloV5Stage(Processor):
                     else:
                         frames[i].image = None
         if self.cuda:
-            self.metrics.gpu_memory.set(self._torch.cuda.memory_allocated(self.device))
+            self.gpu_memory.labels(str(self.device)).set(self._torch.cuda.memory_allocated(self.device))
         return frames
 
     def reconfigure(self, config: StageConfig) -> bool:

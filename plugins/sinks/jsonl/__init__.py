@@ -22,7 +22,9 @@ from typing import IO, ClassVar, List, Optional, Tuple
 from pydantic import Field
 
 from edgepipe.messages import Frame, detection_message, dumps
-from edgepipe.stage import Sink, StageConfig, StageError
+from edgepipe.stage import StageConfig, StageError
+
+from .._common import DeliveringSink
 
 __all__ = ["JsonlConfig", "JsonlSink"]
 
@@ -37,7 +39,7 @@ class JsonlConfig(StageConfig):
     )
 
 
-class JsonlSink(Sink):
+class JsonlSink(DeliveringSink):
     """Appends detection messages to a file, one JSON per line, with size-based rotation."""
 
     Config = JsonlConfig
@@ -124,11 +126,9 @@ class JsonlSink(Sink):
         self._file.write(data)
         self._file.flush()
         self._size += len(data)
-        self.metrics.published.inc(len(frames))
-        self.metrics.detections.inc(sum(0 if f.detections is None else len(f.detections) for f in frames))
         now = time.time()
         for f in frames:
-            self.metrics.frame_age.observe(now - f.timestamp)
+            self.delivered(f, now)
 
     def _recover(self) -> None:
         """After a failed write: drop the buffered bytes and reopen, so no half line survives."""

@@ -33,7 +33,9 @@ from pydantic import Field
 
 from edgepipe.draw import PALETTE, annotate
 from edgepipe.messages import Frame, detection_message, replace
-from edgepipe.stage import Sink, StageConfig, StageContext, StageError
+from edgepipe.stage import StageConfig, StageContext, StageError
+
+from .._common import DeliveringSink
 
 __all__ = ["PreviewConfig", "PreviewSink"]
 
@@ -354,7 +356,7 @@ def _preview_answers(url: str) -> bool:
         return False
 
 
-class PreviewSink(Sink):
+class PreviewSink(DeliveringSink):
     """Live web page on loopback: annotated MJPEG stream, per-stage stats, latest detections."""
 
     Config = PreviewConfig
@@ -417,9 +419,7 @@ class PreviewSink(Sink):
         for frame in frames:
             self.hub.put(frame, now, wall)
             # "Published" here means: handed to the page (what a viewer would see next).
-            self.metrics.published.inc()
-            self.metrics.detections.inc(0 if frame.detections is None else len(frame.detections))
-            self.metrics.frame_age.observe(max(0.0, wall - frame.timestamp))
+            self.delivered(frame, wall)
 
     def stop(self) -> None:
         self.hub.closing.set()

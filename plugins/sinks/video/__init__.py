@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import os
 import string
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -25,7 +24,9 @@ from pydantic import Field, field_validator
 
 from edgepipe.draw import annotate
 from edgepipe.messages import Frame
-from edgepipe.stage import Sink, StageConfig, StageContext, StageError
+from edgepipe.stage import StageConfig, StageContext, StageError
+
+from .._common import DeliveringSink
 
 __all__ = ["VideoConfig", "VideoSink"]
 
@@ -93,7 +94,7 @@ class _Recording:
         self.resized = False
 
 
-class VideoSink(Sink):
+class VideoSink(DeliveringSink):
     """Annotated video file (boxes, labels, confidence) with OpenCV's VideoWriter."""
 
     Config = VideoConfig
@@ -146,9 +147,7 @@ class VideoSink(Sink):
         image = annotate(frame)
         if image is None:
             return  # a frame without picture (a stage upstream stripped it): nothing to draw
-        self.metrics.published.inc()
-        self.metrics.detections.inc(0 if frame.detections is None else len(frame.detections))
-        self.metrics.frame_age.observe(max(0.0, time.time() - frame.timestamp))
+        self.delivered(frame)
         rec.pending.append((frame.timestamp, image))
         if rec.writer is None:
             fps = self.config.fps or _meta_fps(frame)

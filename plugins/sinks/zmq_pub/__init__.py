@@ -22,9 +22,10 @@ from pydantic import Field
 
 from edgepipe.messages import Frame, detection_message, dumps
 from edgepipe.security import SUBSCRIPTION_MAX_MESSAGE_SIZE, NetworkSecurity
-from edgepipe.stage import Sink, StageConfig
+from edgepipe.stage import StageConfig
 
 from ..._zmq import ZmqEndpoint, check_curve_keys
+from .._common import DeliveringSink
 
 __all__ = ["ZmqPubConfig", "ZmqPubSink"]
 
@@ -54,7 +55,7 @@ class ZmqPubConfig(NetworkSecurity, StageConfig):
     )
 
 
-class ZmqPubSink(Sink):
+class ZmqPubSink(DeliveringSink):
     """Publishes detection messages (and optionally annotated JPEGs) on a ZeroMQ PUB socket."""
 
     Config = ZmqPubConfig
@@ -86,9 +87,7 @@ class ZmqPubSink(Sink):
             now = time.time()
             msg = detection_message(frame, published_at=now)
             self._socket.send_multipart([f"detections/{frame.source}".encode(), dumps(msg)], zmq.NOBLOCK)
-            self.metrics.published.inc()
-            self.metrics.detections.inc(len(msg["detections"]))
-            self.metrics.frame_age.observe(now - frame.timestamp)
+            self.delivered(frame, now)
             if self.config.frames_fps is not None:
                 self._picture(frame)
 

@@ -14,16 +14,16 @@ another host should use CURVE keys (``edgepipe keys generate``).
 
 from __future__ import annotations
 
-import time
 from typing import Any, List, Set
 
 from pydantic import Field
 
 from edgepipe.messages import Frame, encode, encode_eos
 from edgepipe.security import SUBSCRIPTION_MAX_MESSAGE_SIZE
-from edgepipe.stage import Sink, StageConfig
+from edgepipe.stage import StageConfig
 
 from ..._zmq import EndpointConfig, ZmqEndpoint, check_curve_keys
+from .._common import DeliveringSink
 
 __all__ = ["ZmqPushConfig", "ZmqPushSink"]
 
@@ -39,7 +39,7 @@ class ZmqPushConfig(EndpointConfig, StageConfig):
     send_eos: bool = Field(True, description="Send an end marker per source when the stream ends.")
 
 
-class ZmqPushSink(Sink):
+class ZmqPushSink(DeliveringSink):
     """Forwards whole frames (wire format) to another edgepipe's zmq source over ZeroMQ PUSH."""
 
     Config = ZmqPushConfig
@@ -71,8 +71,7 @@ class ZmqPushSink(Sink):
         for frame in frames:
             self._sources.add(frame.source)
             if self._send(encode(frame)):
-                self.metrics.published.inc()
-                self.metrics.frame_age.observe(time.time() - frame.timestamp)
+                self.delivered(frame, detections=False)
             else:
                 self.metrics.dropped.labels("queue_full").inc()
 

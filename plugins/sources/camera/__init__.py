@@ -3,7 +3,7 @@
 The camera is read in a background thread that keeps only the newest frame, so the pipeline
 always works on what the camera sees now. Gray sensors and cameras that offer the GREY format
 deliver 1-channel frames directly, saving the letterbox stage a colour conversion. An unplugged
-camera is reopened with backoff (counted in ``metrics.reconnects``).
+camera is reopened with backoff (counted in ``edgepipe_source_reconnects_total``, and reported on ``/healthz`` while it is gone).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ class CameraSource(CaptureSource):
             device_path(self.config.device),
             self._open,
             self.log,
-            self.metrics.reconnects.inc,
+            self.reconnects.inc,
+            on_health=self.capture_health,
             max_reconnects=self.config.max_reconnects,
         )
         self._capture.start()

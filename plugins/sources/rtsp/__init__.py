@@ -3,7 +3,8 @@
 A background thread reads the stream and keeps only the newest frame, so decode never falls
 behind the camera and latency stays bounded however slow the pipeline is. Opening and reading
 have timeouts; a dropped stream is reopened with backoff from 1 s doubling up to 60 s, each
-attempt counted in ``metrics.reconnects`` and logged on one line.
+attempt counted in ``edgepipe_source_reconnects_total``, logged on one line, and reported on
+``/healthz`` while the stream is gone.
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class RtspSource(CaptureSource):
             redact(self.config.url),
             self._open,
             self.log,
-            self.metrics.reconnects.inc,
+            self.reconnects.inc,
+            on_health=self.capture_health,
             backoff=self.config.backoff,
             max_backoff=self.config.max_backoff,
             max_reconnects=self.config.max_reconnects,

@@ -12,11 +12,13 @@ counted as decode errors. A tcp bind beyond loopback needs CURVE keys (or ``inse
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Set
 
 from pydantic import Field
 
 from edgepipe.messages import EndMarker, Frame, MessageError, decode
+from edgepipe.ratelimit import CauseLog
 from edgepipe.security import FRAME_MAX_MESSAGE_SIZE
 from edgepipe.stage import DATA_KINDS, EndOfStream, StageConfig
 
@@ -75,6 +77,7 @@ class ZmqSource(NumberedSource):
         self._endpoint = ZmqEndpoint(zmq.PULL, self.config, FRAME_MAX_MESSAGE_SIZE, self.config.hwm, zmq.RCVHWM, self.metrics)
         self._seen: Set[str] = set()
         self._ended: Set[str] = set()
+        self._bad = CauseLog(self.log)  # one line per cause and 10 s; every one is counted
 
     def read(self) -> Optional[Frame]:
         sock = self._endpoint.socket
@@ -85,7 +88,7 @@ class ZmqSource(NumberedSource):
             msg = decode(parts)
         except MessageError as exc:
             self.metrics.errors.labels("decode").inc()
-            self.log.debug("Dropped a malformed frame message: %s", exc)
+            self._bad.log(logging.WARNING, f"Dropped a frame message that does not decode: {exc}")
             return None
         if isinstance(msg, EndMarker):
             self._ended.add(msg.source)

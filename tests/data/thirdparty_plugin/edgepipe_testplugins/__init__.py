@@ -15,6 +15,7 @@ import numpy as np
 from pydantic import Field
 
 from edgepipe.messages import Frame
+from edgepipe.metrics import AGE_BUCKETS
 from edgepipe.stage import EndOfStream, Processor, Sink, Source, StageConfig, StageError
 
 
@@ -30,6 +31,7 @@ class CounterConfig(StageConfig):
     fail_check: bool = Field(False, description="check() raises StageError (pre-flight).")
     outage_at: Optional[int] = Field(None, ge=0, description="Before this frame, deliver nothing for outage_s (a camera gone dark).")
     outage_s: float = Field(0.0, ge=0, description="Seconds the outage lasts (read() returns None meanwhile).")
+    dtype: str = Field("uint8", description="numpy dtype of the pictures (anything but uint8 must be refused).")
 
 
 class Counter(Source):
@@ -78,7 +80,7 @@ class Counter(Source):
             if wait > 0:
                 time.sleep(wait)
             self.next_time = max(self.next_time + 1.0 / c.fps, time.monotonic() - 1.0)  # type: ignore[attr-defined]
-        image = np.full((c.height, c.width), self.next_id % 256, np.uint8)  # type: ignore[attr-defined]
+        image = np.full((c.height, c.width), self.next_id % 256, c.dtype)  # type: ignore[attr-defined]
         frame = Frame(source=self.name, frame_id=self.next_id, timestamp=time.time(), image=image)
         self.next_id += 1
         return frame
@@ -92,12 +94,27 @@ class PassthroughConfig(StageConfig):
     hang_at: Optional[int] = Field(None, ge=0, description="Stop responding at this frame id (a hung stage).")
     crash_at: Optional[int] = Field(None, ge=0, description="Kill the worker process at this frame id.")
     tag: str = Field("", description="Written into each frame's meta['tag']; changes in place on reload.")
+    series: Optional[str] = Field(None, description="Also declare a counter of this name at start (a badly named one must be refused).")
+    series_labels: List[str] = Field(default_factory=list, description="Label names of that counter.")
+    problem_from: Optional[int] = Field(None, ge=0, description="From this frame id on, report the stage unhealthy.")
+    problem_until: Optional[int] = Field(None, ge=0, description="From this frame id on, report it healthy again.")
 
 
 class Passthrough(Processor):
     """Passes frames on, optionally slowly, in batches, or failing on purpose."""
 
     Config = PassthroughConfig
+
+    def __init__(self, config: PassthroughConfig, context) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, context)
+        # A series of the plugin's own: frames passed on, by the tag they carry.
+        self.tagged = self.metrics.counter(
+            "edgepipe_passthrough_frames_total", "Frames the passthrough stage passed on, by tag.", labels=("tag",)
+        )
+
+    def start(self) -> None:
+        if self.config.series:  # type: ignore[attr-defined]
+            self.metrics.counter(self.config.series, "A counter named in the config.", self.config.series_labels)  # type: ignore[attr-defined]
 
     def process(self, frames: List[Frame]) -> List[Frame]:
         c = self.config
@@ -111,6 +128,11 @@ class Passthrough(Processor):
             if c.fail_every and f.frame_id % c.fail_every == 0:  # type: ignore[attr-defined]
                 raise ValueError(f"frame {f.frame_id} refused (fail_every={c.fail_every})")  # type: ignore[attr-defined]
             f.meta.update(batch=len(frames), pid=os.getpid(), tag=c.tag)  # type: ignore[attr-defined]
+            self.tagged.labels(c.tag).inc()  # type: ignore[attr-defined]
+            if c.problem_until is not None and f.frame_id >= c.problem_until:  # type: ignore[attr-defined]
+                self.report_healthy()
+            elif c.problem_from is not None and f.frame_id >= c.problem_from:  # type: ignore[attr-defined]
+                self.report_unhealthy(f"cannot reach the test broker since frame {c.problem_from}")  # type: ignore[attr-defined]
         return frames
 
     def reconfigure(self, config: StageConfig) -> bool:
@@ -132,6 +154,16 @@ class Record(Sink):
 
     Config = RecordConfig
 
+    def __init__(self, config: RecordConfig, context) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(config, context)
+        self.lines = self.metrics.counter("edgepipe_record_lines_written_total", "Lines the record sink wrote.")
+        # The series every sink keeps, declared alike (same kind, labels and buckets) so that
+        # dashboards over edgepipe_sink_* see this sink too.
+        self.published = self.metrics.counter("edgepipe_sink_messages_published_total", "Messages a sink delivered.")
+        self.frame_age = self.metrics.histogram(
+            "edgepipe_sink_frame_age_seconds", "Capture-to-publish age of a frame as a sink delivers it.", AGE_BUCKETS
+        )
+
     def start(self) -> None:
         self.file = open(self.config.path, "a", encoding="utf-8")  # type: ignore[attr-defined]
 
@@ -145,8 +177,9 @@ class Record(Sink):
                 "pid": os.getpid(),
             }
             self.file.write(json.dumps(line) + "\n")
-            self.metrics.frame_age.observe(time.time() - f.timestamp)
-            self.metrics.published.inc()
+            self.frame_age.observe(time.time() - f.timestamp)
+            self.published.inc()
+            self.lines.inc()
         self.file.flush()
 
     def stop(self) -> None:
