@@ -9,8 +9,12 @@ hits them alike:
   ``yolov5`` stage sets up), and the same with 1 thread;
 - ``onnxruntime``: the exported model, threads sleeping when idle (the stage's setting), and the
   same with onnxruntime's default spinning threads;
+- ``openvino`` (fp32) and ``openvino_bf16`` (where the CPU has bf16): OpenVINO on the same
+  exported model, latency hint, threads not pinned (the stage's settings);
 - ``torch_untuned``: torch with OpenMP's default waiting (threads spin), in a process of its own
-  (the setting is read when torch loads), timed right after the others: not side by side.
+  (the setting is read when torch loads), timed right after the others: not side by side;
+- time to ready: ``Detector.load`` as the stage calls it with each backend pinned and with
+  ``auto`` (export, compile, gate, race, warm-up), each in a fresh interpreter after torch's import.
 
 Goal: onnxruntime at least 1.5x the tuned torch. ``python -m benchmarks.bench_backends [--smoke]``.
 Run from a fresh interpreter (``run`` does that): the thread settings must precede torch's import.
@@ -69,14 +73,29 @@ def measure_tuned(cfg: str, h: int, w: int, batch: int, repeats: int) -> Dict[st
     prepare_process()
     import torch
 
-    from edgepipe.yolo.backends import OnnxRuntimeBackend, TorchBackend
+    from edgepipe.yolo.backends import (
+        OnnxRuntimeBackend,
+        OpenVinoBackend,
+        TorchBackend,
+        cpu_has_bf16,
+        onnx_from_model,
+        openvino_available,
+    )
 
     cores = torch.get_num_threads()
     model = _model(cfg)
     x = _batch(batch, h, w)
     torch_b = TorchBackend(model)
-    ort_b = OnnxRuntimeBackend(model, (h, w))
-    ort_spin = OnnxRuntimeBackend(model, (h, w), spin=True)
+    onnx = onnx_from_model(model, (h, w))
+    ort_b = OnnxRuntimeBackend(onnx, (h, w))
+    ort_spin = OnnxRuntimeBackend(onnx, (h, w), spin=True)
+    extra: Dict[str, Callable[[], Any]] = {}
+    if openvino_available():
+        ov32 = OpenVinoBackend(onnx, "CPU", "fp32")
+        extra["openvino"] = lambda: ov32.candidates(x, 0.25)
+        if cpu_has_bf16():
+            ov16 = OpenVinoBackend(onnx, "CPU", "bf16")
+            extra["openvino_bf16"] = lambda: ov16.candidates(x, 0.25)
 
     def torch_threads(n: int) -> Callable[[], Any]:
         def call() -> Any:
@@ -91,6 +110,7 @@ def measure_tuned(cfg: str, h: int, w: int, batch: int, repeats: int) -> Dict[st
             "torch_1thread": torch_threads(1),
             "onnxruntime": lambda: ort_b.candidates(x, 0.25),
             "onnxruntime_spinning": lambda: ort_spin.candidates(x, 0.25),
+            **extra,
         },
         repeats,
     )
@@ -121,6 +141,26 @@ def forward_ms(cfg: str, h: int, w: int, backend: str, repeats: int) -> float:
     return alternate({b.name: lambda: b.candidates(x, 0.25)}, repeats)[b.name]
 
 
+READY_VARIANTS = {"torch": ("torch", None), "onnxruntime": ("onnxruntime", None),
+                  "openvino": ("openvino", "fp32"), "auto": ("auto", None)}
+
+
+def ready_seconds(cfg: str, h: int, w: int, variant: str) -> float:
+    """Seconds of ``Detector.load`` as the stage calls it (in a fresh interpreter, after torch's
+    import): what the backend adds before the worker reports ready."""
+    from edgepipe.yolo.backends import prepare_process
+
+    prepare_process()
+    import torch  # noqa: F401 - imported before the clock starts: every backend pays it alike
+
+    from edgepipe.yolo.detector import Detector
+
+    backend, precision = READY_VARIANTS[variant]
+    t0 = time.perf_counter()
+    Detector.load(cfg=cfg, device="cpu", backend=backend, precision=precision, imgsz=(h, w))
+    return time.perf_counter() - t0
+
+
 def letterboxed_shape(width: int, height: int, imgsz: int) -> Tuple[int, int]:
     """(h, w) the letterbox stage (auto: true) makes of a width x height frame at ``imgsz``."""
     import numpy as np
@@ -147,6 +187,16 @@ def run(smoke: bool = False) -> Section:
             figures[f"{key}_{name}_ms"] = round(value, 3)
         figures[f"{key}_onnxruntime_per_torch"] = round(ms["torch"] / ms["onnxruntime"], 3)
         figures[f"{key}_torch_tuned_per_untuned"] = round(ms["torch_untuned"] / ms["torch"], 3)
+        for name in ("openvino", "openvino_bf16"):
+            if name in ms:
+                figures[f"{key}_{name}_per_onnxruntime"] = round(ms["onnxruntime"] / ms[name], 3)
+        if batch == 1:
+            from edgepipe.yolo.backends import openvino_available
+
+            for variant in READY_VARIANTS:
+                if variant != "openvino" or openvino_available():
+                    got = run_module("bench_backends", ["--ready", cfg, str(h), str(w), variant])
+                    figures[f"{key}_ready_{variant}_s"] = round(got["s"], 3)
         threads = tuned["threads"]
         cases.append(key)
     return {
@@ -157,7 +207,8 @@ def run(smoke: bool = False) -> Section:
             "cases": cases,
             "threads": threads,
             "repeats": repeats,
-            "goal": "onnxruntime_per_torch >= 1.5",
+            "goal": "onnxruntime_per_torch >= 1.5; openvino_bf16_per_onnxruntime > 1 where the CPU has bf16",
+            "ready": "seconds of Detector.load per backend (export, compile, gate, race, warm-up), after torch's import",
         },
         "figures": figures,
     }
@@ -165,13 +216,16 @@ def run(smoke: bool = False) -> Section:
 
 def table(section: Section) -> List[str]:
     f = section["figures"]
-    cols = ("torch_untuned", "torch", "torch_1thread", "onnxruntime", "onnxruntime_spinning")
+    cols = ("torch_untuned", "torch", "torch_1thread", "onnxruntime", "onnxruntime_spinning", "openvino", "openvino_bf16")
     lines = [f"{'case':>26}  " + "  ".join(f"{c + ' ms':>22}" for c in cols) + f"  {'ort/torch':>9}"]
     for key in section["setup"]["cases"]:
         lines.append(
-            f"{key:>26}  " + "  ".join(f"{f[f'{key}_{c}_ms']:>22.1f}" for c in cols)
+            f"{key:>26}  " + "  ".join(f"{f.get(f'{key}_{c}_ms', float('nan')):>22.1f}" for c in cols)
             + f"  {f[f'{key}_onnxruntime_per_torch']:>9.2f}"
         )
+        ready = {k.rsplit("_ready_", 1)[1][:-2]: v for k, v in f.items() if k.startswith(key + "_ready_")}
+        if ready:
+            lines.append(f"{'':>26}  time to ready: " + ", ".join(f"{k} {v:.2f} s" for k, v in ready.items()))
     return lines
 
 
@@ -182,7 +236,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help=argparse.SUPPRESS)  # one measuring interpreter
     parser.add_argument("--forward", nargs=5, metavar=("CFG", "H", "W", "BACKEND", "REPEATS"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--ready", nargs=4, metavar=("CFG", "H", "W", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ready:
+        cfg, h, w, variant = args.ready
+        print(json.dumps({"s": ready_seconds(cfg, int(h), int(w), variant)}))
+        return 0
     if args.measure:
         which, cfg, h, w, batch, repeats = args.measure
         fn = measure_tuned if which == "tuned" else measure_untuned

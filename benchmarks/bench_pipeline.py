@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .common import (
     DaemonRun,
     Section,
+    free_local_port,
     load_average,
     median,
     mode_arguments,
@@ -32,6 +33,8 @@ from .common import (
     publish_times,
     read_jsonl,
     run_module,
+    scrape,
+    stage_rates,
     steady_rate,
     tempdir,
     write_video,
@@ -48,6 +51,9 @@ CASES: Dict[str, List[Tuple[str, int, str, int]]] = {
     ],
 }
 VIDEO_SIZE = {"smoke": (160, 120), "full": (640, 480)}
+# The reference comparison: (video w, h, frames, imgsz) per mode, the reference checkpoint.
+REFERENCE_CASE = {"smoke": (160, 120, 12, 64), "full": (1280, 720, 60, 640)}
+REF_MAX_DET = 1000  # the reference detect script's default
 
 
 def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Dict[str, Any]:
@@ -56,19 +62,12 @@ def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Di
 
     prepare_process()  # as the yolov5 stage does, before torch loads
     import cv2
-    import numpy as np
-    import torch
 
-    from edgepipe.yolo.backends import create_backend
-    from edgepipe.yolo.model import build_model
-    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes, to_gray
+    from edgepipe.yolo.detector import Detector
 
-    torch.manual_seed(0)  # the stage's weights: null, seed: 0
-    model = build_model(cfg, ch=1).fuse().eval()
-    detector = create_backend(backend, model, (imgsz, imgsz))
-    warm = np.zeros((1, imgsz, imgsz), np.uint8)
-    for _ in range(2):  # the stage's warm-up
-        detector.candidates(warm, CONF)
+    # The stage's weights: null, seed: 0, loaded and warmed up the way the stage does it.
+    detector = Detector.load(cfg=cfg, seed=0, device="cpu", backend=backend, imgsz=imgsz,
+                             conf_thres=CONF, iou_thres=IOU)
     cap = cv2.VideoCapture(video)
     done: List[float] = []
     boxes = 0
@@ -76,16 +75,134 @@ def bare_loop(video: str, cfg: str, imgsz: int, backend: str, frames: int) -> Di
         ok, image = cap.read()
         if not ok:
             break
-        gray = to_gray(image)
-        lb, ratio, pad = letterbox(gray, imgsz)
-        rows, _counts = detector.candidates(lb[None], CONF)
-        det = nms_candidates(rows, CONF, IOU)
-        if len(det):
-            scale_boxes(lb.shape, det, gray.shape, ratio_pad=(ratio, pad))
-        boxes += len(det)
+        boxes += len(detector(image))  # gray, letterbox, forward, NMS, boxes in frame pixels
         done.append(time.time())
     cap.release()
-    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "backend": detector.name}
+    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "backend": detector.backend.name}
+
+
+def reference_fixture() -> Optional[Path]:
+    """The reference checkpoint (a yolov5s state dict, shared/fixtures/ beside the checkout, or
+    $EDGEPIPE_REF_FIXTURE), or None where it is not on this machine."""
+    import os
+
+    env = os.environ.get("EDGEPIPE_REF_FIXTURE")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "yolov5s-v5.0-ch1-ref.pt"
+    return path if path.is_file() else None
+
+
+def reference_loop(video: str, weights: str, imgsz: int, frames: int) -> Dict[str, Any]:
+    """The reference YOLOv5 v7.0 code's own single-process loop, written as a user of its
+    detect script would (run in a fresh interpreter, with torch's default threading: no
+    ``prepare_process``): OpenCV decode, gray, letterbox with minimal padding (``auto=True``,
+    stride 32), fp32 torch forward of the fused model at batch 1, NMS (conf 0.25, IoU 0.45,
+    max_det 1000), boxes scaled back. Nothing of the reference is imported: our letterbox, NMS
+    and box scaling behave as its functions do, and the model is our build of the same
+    architecture loaded from the reference state dict."""
+    import cv2
+    import torch
+
+    from edgepipe.yolo import letterbox, load_model, non_max_suppression, scale_boxes
+
+    model = load_model(weights, device="cpu", fuse=True, half=False)  # .fuse().eval(), fp32
+    cap = cv2.VideoCapture(video)
+    done: List[float] = []
+    boxes = 0
+    with torch.no_grad():
+        while len(done) < frames:
+            ok, im0 = cap.read()
+            if not ok:
+                break
+            gray = cv2.cvtColor(im0, cv2.COLOR_BGR2GRAY)
+            im = letterbox(gray, imgsz, stride=32, auto=True)[0]
+            x = torch.from_numpy(im).float()[None, None] / 255  # (1, 1, H, W)
+            det = non_max_suppression(model(x), 0.25, 0.45, None, False, max_det=REF_MAX_DET)[0]
+            if len(det):
+                det[:, :4] = scale_boxes(x.shape[2:], det[:, :4], gray.shape).round()
+            boxes += len(det)
+            done.append(time.time())
+    cap.release()
+    return {"fps": steady_rate(done), "frames": len(done), "boxes": boxes, "threads": torch.get_num_threads()}
+
+
+def reference_pipeline(video: str, weights: str, imgsz: int, frames: int, workdir: Path,
+                       precision: Optional[str] = None) -> Dict[str, Any]:
+    """``edgepipe run`` on the same file with the same checkpoint, default detector settings
+    (``backend: auto``) or a pinned ``precision``; frames per second, each stage's own rate, the
+    detector's choice."""
+    out = workdir / "out.jsonl"
+    port = free_local_port()
+    config = pipeline_config(video, str(out), "yolov5s-r5.0", imgsz, "auto")
+    config["name"] = "bench-reference"
+    config["stages"]["detector"].update({"weights": weights, "precision": precision})
+    config["stages"]["post"]["max_det"] = REF_MAX_DET
+    config["metrics"] = {"listen": f"127.0.0.1:{port}"}
+    started = time.monotonic()
+    with DaemonRun(config, workdir) as daemon:
+        daemon.wait_ready()
+        ready = time.monotonic() - started
+        last = ""
+        assert daemon.proc is not None
+        while daemon.proc.poll() is None:  # the file ends, the daemon drains and exits
+            last = scrape(port) or last
+            time.sleep(0.25)
+        daemon.wait_exit(timeout=60)
+        line = next((ln for ln in daemon.log.splitlines() if "ready on" in ln), "")
+    messages = read_jsonl(out)
+    if len(messages) != frames:
+        raise RuntimeError(f"the pipeline published {len(messages)} of {frames} frames in block mode")
+    return {"fps": steady_rate(sorted(publish_times(messages))), "ready_s": ready, "stages": stage_rates(last),
+            "detector": line.split(": ", 1)[-1][:400], "boxes": sum(len(m["detections"]) for m in messages)}
+
+
+def reference_comparison(smoke: bool, repeats: int) -> Dict[str, Any]:
+    """The reference loop against ``edgepipe run``, alternating; figures and setup for the
+    throughput section (goal on a 2-core x86 CPU: pipeline / reference >= 2.0)."""
+    fixture = reference_fixture()
+    if fixture is None:
+        return {"figures": {}, "setup": {"available": False, "reason": "reference checkpoint not found "
+                                         "(shared/fixtures/yolov5s-v5.0-ch1-ref.pt or $EDGEPIPE_REF_FIXTURE)"}}
+    width, height, frames, imgsz = REFERENCE_CASE["smoke" if smoke else "full"]
+    # auto: what a user gets; bf16: pinned, because this checkpoint's random weights find no box
+    # on the gate's scenes, so the gate cannot check bf16 and auto keeps fp32 (the log says so).
+    variants = {"pipeline": None} if smoke else {"pipeline": None, "pipeline_bf16": "bf16"}
+    if "bf16" in variants.values() and not _bf16_here():
+        variants.pop("pipeline_bf16")
+    ref: List[float] = []
+    runs: Dict[str, List[Dict[str, Any]]] = {k: [] for k in variants}
+    with tempdir("ep-ref-") as tmp:
+        video = str(write_video(Path(tmp) / "ref.mp4", width, height, frames))
+        for r in range(repeats):
+            ref.append(run_module("bench_pipeline", ["--reference", video, str(fixture), str(imgsz), str(frames)],
+                                  unset=["OMP_WAIT_POLICY"])["fps"])
+            for name, precision in variants.items():
+                runs[name].append(reference_pipeline(video, str(fixture), imgsz, frames, Path(tmp) / f"{name}{r}", precision))
+    figures = {"reference_loop_fps": round(median(ref), 3)}
+    detectors = {}
+    for name, pipe in runs.items():
+        fps = median(p["fps"] for p in pipe)
+        figures[f"reference_{name}_fps"] = round(fps, 3)
+        figures[f"reference_{name}_per_reference"] = round(fps / median(ref), 3)
+        figures[f"reference_{name}_ready_s"] = round(median(p["ready_s"] for p in pipe), 2)
+        for stage in pipe[-1]["stages"]:
+            values = [p["stages"][stage] for p in pipe if stage in p["stages"]]
+            figures[f"reference_{name}_stage_{stage}_own_per_s"] = round(median(values), 2)
+        detectors[name] = pipe[-1]["detector"]
+    return {"figures": figures, "setup": {
+        "available": True, "video": f"{width}x{height} mp4v, {frames} frames", "imgsz": imgsz,
+        "checkpoint": fixture.name, "repeats": repeats, "variants": {k: v or "auto" for k, v in variants.items()},
+        "detector": detectors,
+        "what": "the reference YOLOv5 v7.0 loop as its users write it (OpenCV decode, gray, letterbox "
+                "auto=True, fused fp32 torch, batch 1, NMS, scale) vs edgepipe run (backend auto; and "
+                "precision bf16 pinned); stage own rates are calls per second of each stage's own "
+                "processing time",
+        "goal": "reference_pipeline_per_reference >= 2.0"}}
+
+
+def _bf16_here() -> bool:
+    from edgepipe.yolo.backends import cpu_has_bf16, openvino_available
+
+    return openvino_available() and cpu_has_bf16()
 
 
 def pipeline_config(video: str, out: str, cfg: str, imgsz: int, backend: str) -> Dict[str, Any]:
@@ -151,6 +268,9 @@ def run(smoke: bool = False, repeats: Optional[int] = None) -> Section:
             cases.append({"key": key, "cfg": cfg, "imgsz": imgsz, "backend": backend,
                           "resolved_backend": b["backend"], "frames": frames,
                           "boxes_bare_pipeline": list(boxes)})
+    reference = reference_comparison(smoke, repeats)
+    figures.update(reference["figures"])
+    loads.append(load_average())
     return {
         "setup": {
             "what": "frames/s over one video file: bare single-process loop vs edgepipe run (block mode)",
@@ -159,6 +279,7 @@ def run(smoke: bool = False, repeats: Optional[int] = None) -> Section:
             "repeats": repeats,
             "load_average_1min": loads,
             "goal": "pipeline_per_bare >= 1.0",
+            "reference": reference["setup"],
         },
         "figures": figures,
     }
@@ -174,37 +295,21 @@ def bare_batched(sources: int, per_source: int, width: int, height: int, cfg: st
     from edgepipe.yolo.backends import prepare_process
 
     prepare_process()
-    import numpy as np
-    import torch
-
     from edgepipe.scenes import SceneStream
-    from edgepipe.yolo.backends import create_backend
-    from edgepipe.yolo.model import build_model
-    from edgepipe.yolo.ops import letterbox, nms_candidates, scale_boxes
+    from edgepipe.yolo.detector import Detector
 
-    torch.manual_seed(0)
-    model = build_model(cfg, ch=1).fuse().eval().to(device)
-    if device.startswith("cuda"):
-        model = model.half()
-    detector = create_backend(backend, model, (imgsz, imgsz))
-    for _ in range(2):
-        detector.candidates(np.zeros((batch, imgsz, imgsz), np.uint8), CONF)
+    detector = Detector.load(cfg=cfg, seed=0, device=device, backend=backend, imgsz=imgsz,
+                             conf_thres=CONF, iou_thres=IOU, max_batch=batch, auto=False)
     scenes = [SceneStream(width, height, seed=i) for i in range(sources)]
     order = [scenes[i % sources] for i in range(sources * per_source)]
     done, t_first = 0, 0.0
     for start in range(0, len(order), batch):
-        letterboxed = [letterbox(s.next()[0], imgsz, auto=False) for s in order[start : start + batch]]
-        rows, counts = detector.candidates(np.stack([lb[0] for lb in letterboxed]), CONF)
-        offsets = np.concatenate([[0], np.cumsum(counts)])
-        for j, (img, ratio, pad) in enumerate(letterboxed):
-            det = nms_candidates(rows[offsets[j] : offsets[j + 1]], CONF, IOU)
-            if len(det):
-                scale_boxes(img.shape, det, (height, width), ratio_pad=(ratio, pad))
+        detector([s.next()[0] for s in order[start : start + batch]])  # one batch of one shape
         if start == 0:
             t_first = time.time()
         else:
-            done += len(letterboxed)
-    return {"fps": done / (time.time() - t_first), "frames": len(order), "backend": detector.name}
+            done += min(batch, len(order) - start)
+    return {"fps": done / (time.time() - t_first), "frames": len(order), "backend": detector.backend.name}
 
 
 def multi_source_config(out: str, sources: int, per_source: int, width: int, height: int, cfg: str,
@@ -288,6 +393,19 @@ def table(section: Section) -> List[str]:
             f"{k:>28}  {case['resolved_backend']:>11}  {f[k + '_bare_fps']:>9.2f}  {f[k + '_pipeline_fps']:>12.2f}  "
             f"{f[k + '_pipeline_per_bare']:>13.3f}"
         )
+    ref = section["setup"].get("reference", {})
+    if ref.get("available"):
+        lines.append(f"reference loop ({ref['video']}, imgsz {ref['imgsz']}, {ref['checkpoint']}): "
+                     f"{f['reference_loop_fps']:.2f} fps")
+        for name, how in ref["variants"].items():
+            prefix = f"reference_{name}_stage_"
+            own = ", ".join(f"{k[len(prefix):-len('_own_per_s')]} {v:g}/s" for k, v in f.items() if k.startswith(prefix))
+            lines.append(f"  edgepipe run ({how}): {f[f'reference_{name}_fps']:.2f} fps = "
+                         f"{f[f'reference_{name}_per_reference']:.2f}x, ready in {f[f'reference_{name}_ready_s']:g} s; "
+                         f"stage own rates: {own}")
+            lines.append(f"    detector: {ref['detector'][name]}")
+    elif ref:
+        lines.append(f"reference comparison: not measured: {ref['reason']}")
     return lines
 
 
@@ -306,7 +424,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--bare", nargs=5, metavar=("VIDEO", "CFG", "IMGSZ", "BACKEND", "FRAMES"),
                         help=argparse.SUPPRESS)  # the bare loop's own interpreter
     parser.add_argument("--bare-batched", nargs=9, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", nargs=4, metavar=("VIDEO", "WEIGHTS", "IMGSZ", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.reference:
+        video, weights, imgsz, frames = args.reference
+        print(json.dumps(reference_loop(video, weights, int(imgsz), int(frames))))
+        return 0
     if args.bare_batched:
         n, per, w, h, cfg, imgsz, batch, device, backend = args.bare_batched
         print(json.dumps(bare_batched(int(n), int(per), int(w), int(h), cfg, int(imgsz), int(batch), device, backend)))

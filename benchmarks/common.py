@@ -349,3 +349,49 @@ def publish_times(messages: Sequence[Dict[str, Any]]) -> List[float]:
 def tempdir(prefix: str) -> tempfile.TemporaryDirectory:
     # Short paths: ipc:// socket names must fit in 107 bytes.
     return tempfile.TemporaryDirectory(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None)
+
+
+# ------------------------------------------------------------------------------ per-stage rates
+
+_SAMPLE = re.compile(r'^(edgepipe_(?:stage_processing_seconds_sum|stage_frames_received_total|'
+                     r'stage_frames_sent_total|source_frames_read_total))\{([^}]*)\} ([0-9.eE+-]+)$')
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a daemon's metrics endpoint)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int, timeout: float = 2.0) -> str:
+    """The daemon's /metrics text, or '' when it does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as r:
+            return r.read().decode()
+    except OSError:
+        return ""
+
+
+def stage_rates(metrics_text: str) -> Dict[str, float]:
+    """Each stage's own rate: frames per second of its own processing time (frames it handled /
+    sum of ``edgepipe_stage_processing_seconds``), what it could do if it never waited for its
+    inputs or outputs. For a source that is its read (decode); a batching detector's frames
+    count one by one."""
+    sums: Dict[str, float] = {}
+    frames: Dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            continue
+        labels = dict(kv.split("=", 1) for kv in m.group(2).split(",") if "=" in kv)
+        stage = labels.get("stage", "").strip('"')
+        if m.group(1).endswith("_sum"):
+            sums[stage] = float(m.group(3))
+        else:
+            frames[stage] = max(frames.get(stage, 0.0), float(m.group(3)))
+    return {s: frames[s] / sums[s] for s in sums if sums[s] > 0 and frames.get(s)}

@@ -126,3 +126,55 @@ def test_torch_backend_cuda_path_stages_through_one_pinned_buffer(model, monkeyp
     other = images(1, 32, 32)
     np.testing.assert_allclose(b.candidates(other, 0.0)[0], reference(model, other)[0], rtol=1e-5, atol=1e-4)
     assert list(b._buffers) == [(1, 32, 32)] and requests == [True, True]  # one pinned shape at a time
+
+
+def test_openvino_matches_torch_in_fp32_compiles_per_shape_and_runs_bf16_close(model):
+    from edgepipe.yolo.backends import OpenVinoBackend, cpu_has_bf16, onnx_from_model
+
+    onnx = onnx_from_model(model, (64, 96))
+    ov = create_backend("openvino", model, (64, 96), precision="fp32")
+    assert isinstance(ov, OpenVinoBackend) and ov.describe() == "openvino fp32 on cpu"
+    for batch, h, w in ((1, 64, 96), (2, 96, 64), (1, 64, 96)):
+        x = images(batch, h, w, seed=batch + h)
+        ref = reference(model, x)
+        np.testing.assert_allclose(ov.forward(x), ref, rtol=1e-4, atol=1e-3)
+        rows, counts = ov.candidates(x, 0.01)
+        keep = ref[..., 4] > 0.01
+        assert counts.tolist() == keep.sum(1).tolist()
+        np.testing.assert_allclose(rows, ref[keep], rtol=1e-4, atol=1e-3)
+    # one compiled model per input shape (forward takes the batch whole, candidates image by image)
+    assert set(ov._compiled) == {(1, 64, 96), (2, 96, 64), (1, 96, 64)}
+    small = OpenVinoBackend(onnx, "CPU", "fp32", max_shapes=1)
+    small.forward(images(1, 64, 64))
+    small.forward(images(1, 32, 32))
+    assert list(small._compiled) == [(1, 32, 32)]
+    if cpu_has_bf16():
+        bf16 = OpenVinoBackend(onnx, "CPU", "bf16")
+        x = images(1, 64, 96, seed=9)
+        ref = reference(model, x)
+        got = bf16.forward(x)
+        assert bf16.precision == "bf16"
+        assert np.abs(got[..., 4:] - ref[..., 4:]).max() < 0.05  # scores: bf16 keeps about 3 digits
+    with pytest.raises(BackendError, match="OpenVINO device 'NPU' is not present here"):
+        OpenVinoBackend(onnx, "NPU")
+
+
+def test_yolov5_stage_runs_openvino_and_names_it(caplog):
+    stage = YoloV5Stage(YoloV5Config(inputs=["prep"], weights=None, cfg="yolov5n", seed=3, device="cpu", imgsz=64,
+                                     conf_thres=0.01, backend="openvino", precision="fp32"), StageContext("det-ov"))
+    torch_stage = YoloV5Stage(YoloV5Config(inputs=["prep"], weights=None, cfg="yolov5n", seed=3, device="cpu",
+                                           imgsz=64, conf_thres=0.01, backend="torch"), StageContext("det-t"))
+    with caplog.at_level("INFO"):
+        stage.start()
+        torch_stage.start()
+    try:
+        assert detector_info(stage)["backend"] == "openvino" and detector_info(stage)["precision"] == "fp32"
+        assert "backend openvino" in caplog.text
+        frames = [Frame("cam", i, 0.0, image=img) for i, img in enumerate(images(2, 48, 64))]
+        twins = [Frame("cam", i, 0.0, image=img) for i, img in enumerate(images(2, 48, 64))]
+        for a, t in zip(stage.process(frames), torch_stage.process(twins)):
+            assert len(a.candidates) == len(t.candidates) > 0
+            np.testing.assert_allclose(a.candidates, t.candidates, rtol=1e-4, atol=1e-3)
+    finally:
+        stage.stop()
+        torch_stage.stop()

@@ -27,20 +27,19 @@ import numpy as np
 import torch
 
 from edgepipe.scenes import CLASSES, SceneStream, render_scene
-from edgepipe.yolo.ops import letterbox, non_max_suppression, scale_boxes
-from tools.metrics import DetectionStats
+from edgepipe.yolo.detector import Detector
+from edgepipe.yolo.evaluation import DetectionStats
 
 CONF_THRES = 0.001
 IOU_THRES = 0.6
 
 
-@torch.no_grad()
-def _detect(model: torch.nn.Module, batch: List[np.ndarray]) -> List[np.ndarray]:
-    """Detections (n, 6) x1, y1, x2, y2, conf, cls in input pixels for same-sized images."""
-    param = next(model.parameters())
-    x = torch.from_numpy(np.stack(batch)[:, None]).to(param.device, param.dtype) / 255.0
-    pred = model(x)
-    return [d.float().cpu().numpy() for d in non_max_suppression(pred, CONF_THRES, IOU_THRES)]
+def detector_of(model: torch.nn.Module, imgsz: int, batch: int = 16) -> Detector:
+    """The model (as it is: training-time or loaded, on its device) behind the yolo library's
+    Detector, with the NMS settings for measuring mAP; frames letterboxed with minimal padding,
+    as the pipeline's letterbox stage does."""
+    return Detector.from_model(model, "torch", imgsz, conf_thres=CONF_THRES, iou_thres=IOU_THRES,
+                               max_batch=batch, auto=True)
 
 
 def evaluate_scenes(model: torch.nn.Module, seed: int, n: int, imgsz: int,
@@ -49,13 +48,14 @@ def evaluate_scenes(model: torch.nn.Module, seed: int, n: int, imgsz: int,
     """mAP on ``n`` scenes rendered directly at ``imgsz`` x ``imgsz`` from ``seed``."""
     was_training = model.training
     model.eval()
+    detector = detector_of(model, imgsz, batch)
     rng = np.random.default_rng(seed)
     stats = DetectionStats(len(CLASSES), method)
     done = 0
     while done < n:
         k = min(batch, n - done)
         scenes = [render_scene(rng, imgsz, imgsz, size_range=size_range) for _ in range(k)]
-        for det, (_img, truth) in zip(_detect(model, [s[0] for s in scenes]), scenes):
+        for det, (_img, truth) in zip(detector([s[0] for s in scenes]), scenes):
             stats.add(det, truth)
         done += k
     model.train(was_training)
@@ -68,12 +68,10 @@ def _evaluate_letterboxed(model: torch.nn.Module, frames: Iterator[Tuple[np.ndar
     padding, as the pipeline's letterbox stage does) and its boxes mapped back to the frame."""
     was_training = model.training
     model.eval()
+    detector = detector_of(model, imgsz, 1)
     stats = DetectionStats(len(CLASSES), method)
     for img, truth in frames:
-        lb, ratio, pad = letterbox(img, imgsz, auto=True)
-        det = _detect(model, [lb])[0]
-        det[:, :4] = scale_boxes(lb.shape[:2], det[:, :4], img.shape[:2], (ratio, pad))
-        stats.add(det, truth)
+        stats.add(detector([img])[0], truth)
     model.train(was_training)
     return stats.summary(CLASSES)
 

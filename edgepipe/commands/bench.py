@@ -2,9 +2,12 @@
 
 It runs the benchmarks of ``benchmarks/`` (installed with edgepipe as ``edgepipe_benchmarks``, so
 it works on the device from a wheel as from a checkout) on this machine: throughput of
-``edgepipe run`` against a hand-written loop on one video file, one ipc hop against a memcpy,
-latency of a live source, overload, memory, the detector's backends, and the GPU when there is
-one. ``--smoke`` finishes in seconds (CI runs it so the benchmarks never rot); the default takes
+``edgepipe run`` against a hand-written loop on one video file and against the reference YOLOv5
+code's own loop (1280x720, the reference checkpoint), one ipc hop against a memcpy, latency of a
+live source, overload, memory, the detector's backends (torch, onnxruntime, OpenVINO fp32/bf16,
+time to ready), and the GPU when there is one (CUDA graphs, the stage against the bare graph, 8
+sources, one 1280x720 stream with each stage's own rate; ``python -m benchmarks.gpu_check`` runs
+those with the CUDA tests in one budgeted run). ``--smoke`` finishes in seconds (CI runs it so the benchmarks never rot); the default takes
 minutes; ``--long`` adds the 10-minute drift and memory run. See benchmarks/README.md for the
 numbers measured so far and what each one means.
 """

@@ -4,9 +4,13 @@ It is the whole pipeline in one process, for trying a model on files: each frame
 turned to gray), letterboxed to the model's input, run through the 1-channel YOLOv5, put through
 NMS and mapped back to the frame's pixels. Each frame prints one detection message, the same
 document the daemon publishes (``--json``: one JSON line per frame; otherwise a short table), and
-``--save-dir`` writes the frames with their boxes drawn. The model comes from ``--weights``, or,
-for trying the plumbing before a trained model exists, is built untrained from ``--cfg`` with a
-fixed ``--seed``.
+``--save-dir`` writes the frames with their boxes drawn. The model comes from ``--weights`` (any
+weights file, ``builtin:demo``, or an ``.onnx`` from ``edgepipe export``/``quantize``), or, for
+trying the plumbing before a trained model exists, is built untrained from ``--cfg`` with a fixed
+``--seed``. The work is the yolo library's :class:`~edgepipe.yolo.detector.Detector`, as in the
+daemon. At the end a summary goes to stderr (stdout stays the results, so ``--json`` pipes
+cleanly): milliseconds per image for pre-process (letterbox), inference and post-process (NMS,
+boxes scaled back), and where the results are.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import glob
 import itertools
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import typer
 
@@ -113,75 +118,6 @@ def parse_classes(values: Optional[List[str]], nc: int) -> Optional[List[int]]:
     return out
 
 
-def make_model(weights: Optional[str], cfg: Optional[str], seed: int, device: str) -> Any:
-    """The model for ``detect``: loaded from ``weights``, or built untrained from ``cfg``."""
-    import torch
-
-    from edgepipe.yolo.model import ConfigError, build_model
-    from edgepipe.yolo.weights import WeightsError, load_model, resolve_device
-
-    try:
-        if weights is not None:
-            from edgepipe.yolo.builtin import resolve_weights
-
-            try:
-                path = resolve_weights(weights)  # builtin:demo -> the packaged file
-            except ValueError as exc:
-                raise DetectError(str(exc)) from None
-            if not Path(path).is_file():
-                raise DetectError(f"weights file {weights!r} not found")
-            return load_model(path, device=device, cfg=cfg)
-        if cfg is None:
-            raise DetectError("no model: give --weights FILE (or --cfg NAME for an untrained model)")
-        dev = resolve_device(device)
-        torch.manual_seed(seed)  # the same untrained model every run
-        model = build_model(cfg, ch=1).fuse().eval().to(dev)
-        if dev.type == "cuda":
-            model.half()
-        return model.requires_grad_(False)
-    except (WeightsError, ConfigError) as exc:
-        raise DetectError(str(exc)) from None
-
-
-class Detector:
-    """letterbox -> model -> NMS -> boxes in the frame's pixels, for one BGR or gray frame."""
-
-    def __init__(self, model: Any, imgsz: int, conf: float, iou: float, max_det: int,
-                 classes: Optional[List[int]], agnostic: bool) -> None:
-        import torch
-
-        self.model = model
-        self.stride = int(max(float(s) for s in model.stride))
-        if imgsz % self.stride:
-            raise DetectError(f"--imgsz {imgsz} is not a multiple of the model's stride {self.stride}")
-        self.imgsz, self.conf, self.iou, self.max_det = imgsz, conf, iou, max_det
-        self.classes, self.agnostic = classes, agnostic
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self._torch = torch
-
-    def __call__(self, img: Any) -> Tuple[Any, dict]:
-        """(n, 6) float32 numpy [x1, y1, x2, y2, conf, cls] in ``img`` pixels, stage timings."""
-        from edgepipe.yolo.ops import letterbox, non_max_suppression, scale_boxes
-
-        torch = self._torch
-        t0 = time.perf_counter()
-        lb, ratio, pad = letterbox(img, self.imgsz, stride=self.stride, gray=True)
-        x = torch.from_numpy(lb).to(self.device)[None, None].to(self.dtype) / 255  # (1, 1, H, W)
-        t1 = time.perf_counter()
-        with torch.inference_mode():
-            pred = self.model(x)  # (1, N, 5+nc)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t2 = time.perf_counter()
-        det = non_max_suppression(
-            pred.float(), self.conf, self.iou, self.classes, self.agnostic, max_det=self.max_det
-        )[0].cpu().numpy()
-        scale_boxes(lb.shape, det, img.shape, ratio_pad=(ratio, pad))
-        t3 = time.perf_counter()
-        return det, {"letterbox": t1 - t0, "inference": t2 - t1, "nms": t3 - t2}
-
-
 def _table(msg: dict, file: str) -> str:
     ms = sum(msg["timing"]["stages"].values()) * 1000
     dets = msg["detections"]
@@ -235,6 +171,9 @@ def detect(
     ),
     agnostic: bool = typer.Option(False, "--agnostic-nms", help="NMS across classes."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: Optional[str] = typer.Option(
+        None, "--backend", help="auto, torch, onnxruntime or openvino (default: torch; auto for an .onnx file)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="One JSON detection message per line."),
     save_dir: Optional[Path] = typer.Option(None, "--save-dir", help="Write annotated frames here."),
 ) -> None:
@@ -243,30 +182,71 @@ def detect(
 
     try:
         _detect(source, weights, cfg, seed, imgsz, conf, iou, max_det, classes, agnostic, device,
-                as_json, save_dir)
+                as_json, save_dir, backend)
     except DetectError as exc:
         raise fail(str(exc)) from None
 
 
+def _load(weights: Optional[str], cfg: Optional[str], seed: int, device: str, imgsz: int,
+          backend: Optional[str], conf: float, iou: float, max_det: int, agnostic: bool) -> Any:
+    from edgepipe.yolo.detector import Detector, DetectorError, is_onnx
+
+    if weights is None and cfg is None:
+        raise DetectError("no model: give --weights FILE (or --cfg NAME for an untrained model)")
+    if backend is None:  # torch gives exactly the Python API's numbers; an ONNX file needs another
+        backend = "auto" if weights is not None and is_onnx(weights) else "torch"
+    try:
+        return Detector.load(weights, cfg=cfg, seed=seed, device=device, backend=backend, imgsz=imgsz,
+                             conf_thres=conf, iou_thres=iou, max_det=max_det, agnostic=agnostic, max_batch=1)
+    except DetectorError as exc:
+        text = str(exc)
+        if "is not a multiple of the model's stride" in text:
+            text = f"--imgsz {imgsz} is not a multiple of the model's stride {text.rsplit(' ', 1)[-1]}"
+        raise DetectError(text) from None
+
+
+def _summary(frames: int, boxes: int, totals: Dict[str, float], detector: Any, save_dir: Optional[Path],
+             saved: int, as_json: bool) -> List[str]:
+    """The closing lines users of other detectors expect: time per image, where the results are."""
+    n = max(frames, 1)
+    h, w = detector.imgsz
+    lines = [
+        f"Speed: {1000 * totals['letterbox'] / n:.1f} ms pre-process, {1000 * totals['inference'] / n:.1f} ms "
+        f"inference, {1000 * totals['nms'] / n:.1f} ms post-process per image at shape (1, 1, {h}, {w}) "
+        f"({detector.backend.describe()})",
+    ]
+    where = "JSON lines on stdout" if as_json else "printed above"
+    if save_dir is not None:
+        where = f"saved to {save_dir.resolve()} ({saved} file{'' if saved == 1 else 's'})"
+    lines.append(f"Results: {frames} image{'' if frames == 1 else 's'}, {boxes} detection{'' if boxes == 1 else 's'}, {where}")
+    return lines
+
+
 def _detect(source: str, weights: Optional[str], cfg: Optional[str], seed: int, imgsz: int,
             conf: float, iou: float, max_det: int, classes: Optional[List[str]], agnostic: bool,
-            device: str, as_json: bool, save_dir: Optional[Path]) -> None:
+            device: str, as_json: bool, save_dir: Optional[Path], backend: Optional[str] = None) -> None:
     from edgepipe.messages import Frame, detection_message, dumps
 
     files = expand_source(source)
     frames = iter_frames(files)
     first = next(frames)  # an unreadable first file fails before the (slow) model load
-    model = make_model(weights, cfg, seed, device)
-    detector = Detector(model, imgsz, conf, iou, max_det, parse_classes(classes, model.nc), agnostic)
+    detector = _load(weights, cfg, seed, device, imgsz, backend, conf, iou, max_det, agnostic)
+    detector.classes = parse_classes(classes, detector.nc)
     if save_dir is not None:
         try:
             save_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DetectError(f"cannot create --save-dir {str(save_dir)!r}: {exc.strerror or exc}") from None
-    names = list(model.names)
+    names = detector.names
+    totals = {"letterbox": 0.0, "inference": 0.0, "nms": 0.0}
+    count = boxes = saved = 0
     for frame_id, (file, is_video, index, img) in enumerate(itertools.chain([first], frames)):
         captured = time.time()
-        det, timing = detector(img)
+        (det,), timing = detector.detect([img])
+        for k in totals:
+            totals[k] += timing[k]
+        count += 1
+        boxes += len(det)
         frame = Frame(
             source=VIDEO_SOURCE if is_video else file.stem,
             frame_id=frame_id,
@@ -282,6 +262,10 @@ def _detect(source: str, weights: Optional[str], cfg: Optional[str], seed: int, 
         typer.echo(dumps(msg).decode() if as_json else _table(msg, str(file)))
         if save_dir is not None:
             _save(save_dir, file, is_video, index, img, det, names)
+            saved += 1
+    sys.stdout.flush()  # the results first, then the summary on stderr
+    for line in _summary(count, boxes, totals, detector, save_dir, saved, as_json):
+        typer.echo(line, err=True)
 
 
 def register(app: typer.Typer) -> None:

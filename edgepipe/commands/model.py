@@ -1,4 +1,4 @@
-"""`edgepipe weights convert|info` and `edgepipe export`: the model owner's commands.
+"""`edgepipe weights convert|info`, `edgepipe export` and `edgepipe quantize`: the model owner's commands.
 
 They turn whatever a model owner brings (a reference ``best.pt``, an RGB checkpoint, a state
 dict) into edgepipe's safetensors format, say what a weights file holds, and export ONNX. torch
@@ -50,7 +50,7 @@ def _describe(info: Dict[str, Any]) -> str:
 
 
 def weights_info(
-    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt)."),
+    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt) or builtin:demo."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of a table."),
     cfg: Optional[str] = typer.Option(None, "--cfg", help=_CFG_HELP),
     nc: Optional[int] = typer.Option(None, "--nc", min=1, help=_NC_HELP),
@@ -77,6 +77,9 @@ def weights_convert(
     """Write a weights file as edgepipe safetensors (fp32, architecture and names in metadata)."""
     from edgepipe.yolo.weights import WeightsError, convert
 
+    if dst.suffix.lower() != ".safetensors":
+        raise _fail(f"OUT {str(dst)!r}: `weights convert` writes edgepipe safetensors, so OUT must end in "
+                    ".safetensors (for ONNX use `edgepipe export`)")
     try:
         model = convert(src, dst, gray=gray, cfg=cfg, nc=nc)
     except WeightsError as exc:
@@ -112,10 +115,44 @@ def export(
                              opset=opset, device=device)
     except (WeightsError, ExportError) as exc:
         raise _fail(str(exc)) from None
-    diff = result["max_abs_diff"]
-    check = "onnxruntime not installed, not checked" if diff is None else f"onnxruntime matches torch (max abs diff {diff:.3g})"
+    from edgepipe.yolo.export import describe_parity
+
+    parity = result["parity"]
+    check = ("onnxruntime not installed, not checked" if parity is None else
+             f"onnxruntime matches torch within {parity['precision']} tolerance: {describe_parity(parity)}")
     shape = "x".join(str(d) for d in result["input_shape"])
     typer.echo(f"Wrote {result['path']}: input images {shape} {result['dtype']}, opset {result['opset']}; {check}")
+
+
+def quantize(
+    weights: Path = typer.Argument(..., help="Weights file (.safetensors, .pt) or builtin:demo."),
+    calib: Path = typer.Option(..., "--calib", help="Folder of your own frames (images): calibration, and every --holdout-th one for the gate."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="The int8 .onnx to write (default: WEIGHTS-int8.onnx)."),
+    imgsz: str = typer.Option("640", "--imgsz", help="Input size: 640 or H,W (multiples of 32), as the pipeline letterboxes."),
+    holdout: int = typer.Option(5, "--holdout", min=0, help="Every Nth frame is held out of calibration for the gate (0: none)."),
+    scenes: int = typer.Option(100, "--scenes", min=8, help="Held-out generated scenes for the demo model's mAP gate."),
+    cfg: Optional[str] = typer.Option(None, "--cfg", help=_CFG_HELP),
+) -> None:
+    """Quantize a model to int8 on your frames; written only if the accuracy gate accepts it."""
+    from edgepipe.yolo.export import ExportError, parse_imgsz
+    from edgepipe.yolo.quantize import QuantizeError
+    from edgepipe.yolo.quantize import quantize as run_quantize
+
+    name = str(weights)
+    if output is None:
+        stem = name[len("builtin:"):] if name.startswith("builtin:") else str(weights.with_suffix(""))
+        output = Path(f"{stem}-int8.onnx")
+    if output.suffix.lower() != ".onnx":
+        raise _fail(f"--output {str(output)!r}: the quantized model is ONNX, so it must end in .onnx")
+    try:
+        size = parse_imgsz(imgsz)
+        done = run_quantize(name, str(calib), str(output), size, holdout, scenes, cfg)
+    except (QuantizeError, ExportError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"Calibrated on {done['calibration']} of {done['frames']} frames in {calib}; {done['held_out']} held out")
+    for engine, result in done["results"].items():
+        typer.echo(f"Gate ({engine}): {result.describe()}: accepted")
+    typer.echo(f"Wrote {output}: int8, input {size[1]}x{size[0]} uint8; use it as weights: {output}")
 
 
 def register(app: typer.Typer) -> None:
@@ -124,3 +161,4 @@ def register(app: typer.Typer) -> None:
     weights_app.command("convert")(weights_convert)
     app.add_typer(weights_app, name="weights")
     app.command("export")(export)
+    app.command("quantize")(quantize)

@@ -12,6 +12,8 @@ from typing import Any
 
 _EXPORTS = {
     "build_model": "edgepipe.yolo.model",
+    "Detector": "edgepipe.yolo.detector",
+    "DetectorError": "edgepipe.yolo.detector",
     "Model": "edgepipe.yolo.model",
     "load_model": "edgepipe.yolo.weights",
     "save_model": "edgepipe.yolo.weights",

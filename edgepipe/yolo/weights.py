@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 
-from edgepipe.yolo.builtin import PREFIX as BUILTIN_PREFIX
 from edgepipe.yolo.builtin import resolve_weights
 from edgepipe.yolo.model import (
     SHIPPED,
@@ -276,18 +275,22 @@ def _read_safetensors(path: Path, cfg: Any, nc: Optional[int], label: str) -> We
     return _complete(sd, arch, nc, "edgepipe safetensors", label, names=names)
 
 
+def weights_path(ref: PathLike) -> Path:
+    """A weights reference as a file path: ``builtin:<name>`` is the packaged model
+    (:func:`edgepipe.yolo.builtin.resolve_weights`, the one resolver), anything else a path."""
+    try:
+        return Path(resolve_weights(str(ref)))
+    except ValueError as exc:
+        raise WeightsError(str(exc)) from None
+
+
 def read_weights(path: PathLike, cfg: Any = None, nc: Optional[int] = None) -> Weights:
     """Read any accepted weights file into :class:`Weights` (tensors on the CPU, no model yet).
 
     ``cfg`` and ``nc`` matter for plain state dicts only (see the module docstring). ``path``
     may name a packaged model as ``builtin:<name>`` (:mod:`edgepipe.yolo.builtin`).
     """
-    if isinstance(path, str) and path.startswith(BUILTIN_PREFIX):
-        try:
-            path = resolve_weights(path)
-        except ValueError as exc:
-            raise WeightsError(str(exc)) from None
-    p = Path(path)
+    p = weights_path(path)
     label = str(p)
     kind = _sniff(p)
     if kind == "missing":
@@ -347,16 +350,25 @@ def build(weights: Weights, label: str = "weights") -> Model:
 
 
 def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """"auto" -> cuda:0 when CUDA is available, else cpu; "0" -> cuda:0; CUDA without CUDA is an error."""
+    """The one place a device name becomes a torch device, for the stage, ``detect``, ``export``
+    and the benchmarks: "auto" -> cuda:0 when CUDA is available, else cpu; "0" -> cuda:0 (the
+    reference's spelling); "cuda:N" must exist. WeightsError (one line) otherwise."""
     if str(device) == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    spec = f"cuda:{device}" if str(device).isdigit() else device  # "0": the reference's spelling
+    spec = f"cuda:{device}" if str(device).isdigit() else device
     try:
         dev = torch.device(spec)
     except (RuntimeError, ValueError):
         raise WeightsError(f"unknown device {str(device)!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WeightsError(f"device {str(device)!r} requested but CUDA is not available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise WeightsError(f"unknown device {str(device)!r} (expected auto, cpu, cuda or cuda:N)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WeightsError(f"device {str(device)!r} requested but CUDA is not available here (use device: auto or cpu)")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise WeightsError(f"device {str(device)!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        if dev.index is None:
+            dev = torch.device("cuda", 0)
     return dev
 
 
@@ -395,6 +407,13 @@ def load_model(path: PathLike, device: Union[str, torch.device] = "auto", fuse: 
 # ----------------------------------------------------------------------------- writing
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_model(model: Model, path: PathLike, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``model`` in edgepipe's safetensors format, tensors in the model's own dtype.
 
@@ -428,6 +447,9 @@ def save_model(model: Model, path: PathLike, metadata: Optional[Dict[str, str]] 
     os.close(fd)
     try:
         save_file(sd, tmp, metadata=meta)
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less the
+        # umask), so that the systemd service's dynamic user can read what an admin wrote.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dst)
     except BaseException:
         if os.path.exists(tmp):
@@ -500,10 +522,12 @@ def inspect_weights(path: PathLike, cfg: Any = None, nc: Optional[int] = None) -
     """
     w = read_weights(path, cfg=cfg, nc=nc)
     model = build(w, str(path))
+    file = weights_path(path)
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in w.state_dict.values() if v.is_floating_point()})
     info: Dict[str, Any] = {
         "path": str(path),
-        "file_bytes": Path(path).stat().st_size,
+        "file": str(file),
+        "file_bytes": file.stat().st_size,
         "source": w.source,
         "layout": layout_of(w.arch),
         "size": size_of(w.arch),

@@ -17,9 +17,12 @@ rows, of which a handful matter. ``Frame.image`` is dropped afterwards (``keep_i
 it for sinks that draw on the letterboxed picture). Frames that arrive without letterboxing are
 letterboxed here to ``imgsz`` (gray, padded to exactly that shape).
 
-The forward pass runs on a backend (:mod:`edgepipe.yolo.backends`): ``backend: auto`` takes
-onnxruntime on the CPU when it is installed (about twice torch's speed there) and torch on CUDA;
-the start-up log line and ``edgepipe_detector_info`` say which.
+Loading, device, precision, backend, warm-up and the forward pass are the yolo library's
+:class:`~edgepipe.yolo.detector.Detector`, the same object ``edgepipe detect`` and the benchmarks
+use. ``backend: auto`` races, at start-up, onnxruntime (or torch) fp32 against the lower
+precisions that pass the accuracy gate (bf16 on OpenVINO where the CPU has it; a quantized int8
+file from ``edgepipe quantize``) and takes the fastest; on CUDA it is torch in fp16 with CUDA
+graphs. The start-up log line and ``edgepipe_detector_info`` say which runs and why.
 """
 
 from __future__ import annotations
@@ -29,16 +32,16 @@ import time
 from typing import Any, ClassVar, Dict, List, Optional, Tuple, Union
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgepipe.messages import Frame
 from edgepipe.metrics import BATCH_BUCKETS, PROCESSING_BUCKETS
 from edgepipe.stage import Processor, StageConfig, StageError
-from edgepipe.yolo.builtin import WeightsRef
+from edgepipe.yolo.builtin import WeightsRef, check_weights_readable
 
 from .._common import ImageSize, only_changed, parse_imgsz
 
-__all__ = ["YoloV5Config", "YoloV5Stage", "pick_device"]
+__all__ = ["YoloV5Config", "YoloV5Stage"]
 
 
 class YoloV5Config(StageConfig):
@@ -60,6 +63,13 @@ class YoloV5Config(StageConfig):
         description="'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'.",
     )
     half: Optional[bool] = Field(None, description="fp16 inference; null: fp16 on CUDA, fp32 on CPU.")
+    precision: Optional[str] = Field(
+        None,
+        pattern=r"^(fp32|fp16|bf16)$",
+        description="null: fp16 on CUDA; on the CPU the fastest of fp32 and the lower precisions that "
+        "pass the accuracy gate (bf16 on OpenVINO where the CPU has it). fp32, fp16 (CUDA) or bf16 "
+        "(OpenVINO) pin it. int8 comes from a model made by `edgepipe quantize`.",
+    )
     imgsz: ImageSize = Field(
         640,
         description="Input size (int or [height, width]) for the warm-up and for frames that "
@@ -79,13 +89,51 @@ class YoloV5Config(StageConfig):
     threads: Optional[int] = Field(None, ge=1, le=256, description="CPU threads of the backend (null: one per core).")
     backend: str = Field(
         "auto",
-        pattern="^(auto|torch|onnxruntime)$",
-        description="Inference engine: 'auto' (onnxruntime on the CPU when installed, else torch), "
-        "'torch', or 'onnxruntime' (CPU, fp32; the edgepipe[onnxruntime] extra).",
+        pattern="^(auto|torch|onnxruntime|openvino)$",
+        description="Inference engine: 'auto' (on the CPU the fastest at start-up of onnxruntime or torch "
+        "fp32 and the low precisions that pass the gate; torch on CUDA), 'torch', 'onnxruntime' (CPU, "
+        "the edgepipe[onnxruntime] extra) or 'openvino' (the edgepipe[openvino] extra).",
+    )
+    openvino_device: str = Field(
+        "CPU",
+        pattern=r"^(CPU|GPU(\.\d+)?|NPU|AUTO)$",
+        description="OpenVINO's device: CPU, an Intel GPU (GPU, GPU.N) or NPU where present, or AUTO.",
+    )
+    cuda_graphs: bool = Field(
+        True, description="On CUDA, capture one CUDA graph per input shape and replay it (falls back to "
+        "eager, with one log line, where capture fails or differs from eager)."
+    )
+    graph_pad: str = Field(
+        "pad",
+        pattern="^(pad|eager)$",
+        description="A batch smaller than a captured one: 'pad' it to that graph's size (measured "
+        "faster) or run it 'eager'.",
+    )
+    max_graphs: int = Field(6, ge=1, le=64, description="Most CUDA graphs kept (least recently used dropped).")
+    channels_last: bool = Field(
+        False, description="On CUDA, channels-last memory format (faster for large batches on some GPUs)."
+    )
+    gate_images: Optional[str] = Field(
+        None,
+        description="A folder of your own frames for the accuracy gate of bf16 (box agreement with "
+        "fp32); null: generated scenes, which only the demo model's classes are checked on.",
     )
     keep_image: bool = Field(
         False, description="Keep Frame.image (the letterboxed picture) for sinks that draw on it."
     )
+
+    @field_validator("gate_images")
+    @classmethod
+    def _gate_images(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not os.path.isdir(os.path.expanduser(value)):
+            raise ValueError(f"no such folder {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _half_and_precision(self) -> YoloV5Config:
+        if self.half is not None and self.precision is not None and self.half != (self.precision == "fp16"):
+            raise ValueError(f"half: {str(self.half).lower()} contradicts precision: {self.precision}")
+        return self
 
     @field_validator("imgsz")
     @classmethod
@@ -102,24 +150,8 @@ class YoloV5Config(StageConfig):
         return value
 
 
-def pick_device(requested: str) -> Tuple[Any, bool]:
-    """(torch.device, is_cuda) for 'auto'/'cpu'/'cuda[:N]'; StageError when CUDA is asked for but absent."""
-    import torch
-
-    if requested == "auto":
-        requested = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise StageError(f"device {requested!r} requested but CUDA is not available (use device: auto or cpu)")
-        index = int(requested.split(":")[1]) if ":" in requested else 0
-        if index >= torch.cuda.device_count():
-            raise StageError(f"device {requested!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        return torch.device("cuda", index), True
-    return torch.device("cpu"), False
-
-
 class YoloV5Stage(Processor):
-    """1-channel YOLOv5 inference (torch, CUDA fp16 or CPU); batched; passes on candidates only."""
+    """1-channel YOLOv5 inference (torch with CUDA graphs, onnxruntime, OpenVINO); batched; passes on candidates only."""
 
     Config = YoloV5Config
     config: YoloV5Config
@@ -150,88 +182,81 @@ class YoloV5Stage(Processor):
     def check(self) -> None:
         import importlib.util
 
-        if self.config.backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-            raise StageError("backend 'onnxruntime' needs the onnxruntime package (pip install 'edgepipe[onnxruntime]') or backend: auto")
+        for name, module in (("onnxruntime", "onnxruntime"), ("openvino", "openvino")):
+            if self.config.backend == name and importlib.util.find_spec(module) is None:
+                raise StageError(f"backend '{name}' needs the {module} package (pip install 'edgepipe[{name}]') or backend: auto")
+        if self.config.weights is not None:
+            try:
+                check_weights_readable(self.config.weights)
+            except ValueError as exc:
+                raise StageError(f"weights: {exc}") from None
 
     def start(self) -> None:
-        from edgepipe.yolo.backends import BackendError, create_backend, prepare_process
+        from edgepipe.yolo.backends import prepare_process
 
         prepare_process()  # before torch loads: its OpenMP threads must not spin (see backends)
-        import torch
+        from edgepipe.yolo.detector import Detector, DetectorError
 
         cfg = self.config
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self._torch = torch
-        self.device, cuda = pick_device(cfg.device)
-        self.half = cuda if cfg.half is None else cfg.half
-        if self.half and not cuda:
-            raise StageError("half: true needs a CUDA device; fp16 on the CPU is slower than fp32 and not supported")
-        self.model, label = self._load(cuda)
-        channels = int(getattr(self.model, "yaml", {}).get("ch", 1))
-        if channels != 1:
-            raise StageError(f"model {label!r} takes {channels} input channels; edgepipe feeds 1-channel gray (convert it with `edgepipe weights convert`)")
-        self.names: List[str] = [str(n) for n in self.model.names]
-        self.stride = int(max(self.model.stride)) if hasattr(self.model, "stride") else 32
-        if self._imgsz[0] % self.stride or self._imgsz[1] % self.stride:
-            raise StageError(f"imgsz {cfg.imgsz} is not a multiple of the model's stride {self.stride}")
         try:
-            self.backend = create_backend(cfg.backend, self.model, self._imgsz, cfg.threads, self.log)
-        except BackendError as exc:
+            self.detector = Detector.load(
+                cfg.weights, cfg=cfg.cfg if cfg.weights is None else None, seed=cfg.seed, device=cfg.device,
+                half=cfg.half, precision=cfg.precision, backend=cfg.backend, imgsz=self._imgsz,
+                threads=cfg.threads, openvino_device=cfg.openvino_device, cuda_graphs=cfg.cuda_graphs,
+                graph_pad=cfg.graph_pad, max_graphs=cfg.max_graphs, channels_last=cfg.channels_last,
+                gate_images=self._gate_images(), logger=self.log, conf_thres=cfg.conf_thres,
+                max_batch=cfg.max_batch, auto=False,
+            )
+        except DetectorError as exc:
             raise StageError(str(exc)) from None
+        d = self.detector
+        self.names: List[str] = d.names
+        self.stride = d.stride
+        self.backend = d.backend
+        self.half = d.precision == "fp16"
+        self.cuda = d.device.startswith("cuda")
+        self.device: Any = d.device  # a torch.device on CUDA (an ONNX model on the CPU needs no torch)
+        if self.cuda:
+            import torch
+
+            self._torch = torch
+            self.device = torch.device(d.device)
         self.info.clear()
-        self.info.labels(
-            device=str(self.device), precision="fp16" if self.half else "fp32", backend=self.backend.name, model=label
-        ).set(1)
-        # Warm up: the first passes pick kernels and allocate; do it before reporting ready.
-        warm = np.zeros((1, *self._imgsz), np.uint8)
-        for _ in range(2):
-            self._forward(warm)
-        if cuda:
-            self.gpu_memory.labels(str(self.device)).set(torch.cuda.memory_allocated(self.device))
+        self.info.labels(device=d.device, precision=d.precision, backend=d.backend.name, model=d.label).set(1)
+        if self.cuda:
+            self.gpu_memory.labels(str(self.device)).set(self._torch.cuda.memory_allocated(self.device))
         self.log.info(
-            "Model %r ready on %s (%s, backend %s, %d classes, input %dx%d)",
-            label, self.device, "fp16" if self.half else "fp32", self.backend.name, len(self.names),
-            self._imgsz[1], self._imgsz[0],
+            "Model %r ready on %s (%s, backend %s, %d classes, input %dx%d): %s",
+            d.label, d.device, d.precision, d.backend.name, len(self.names), self._imgsz[1], self._imgsz[0],
+            d.choice.describe(),
         )
 
-    def _load(self, cuda: bool) -> Tuple[Any, str]:
-        cfg = self.config
-        if cfg.weights is not None:
-            from edgepipe.yolo.weights import load_model
+    def _gate_images(self) -> Optional[List[np.ndarray]]:
+        """Up to 16 of the user's frames from ``gate_images`` (gray), or None."""
+        folder = self.config.gate_images
+        if folder is None:
+            return None
+        from edgepipe.yolo.evaluation import read_images
 
-            try:
-                model = load_model(cfg.weights, device=str(self.device), fuse=True, half=self.half)
-            except (OSError, ValueError) as exc:
-                raise StageError(f"cannot load weights {cfg.weights!r}: {exc}") from None
-            return model, os.path.basename(cfg.weights)
-        from edgepipe.yolo.model import ConfigError, build_model
-
-        torch = self._torch
-        torch.manual_seed(cfg.seed)
         try:
-            model = build_model(cfg.cfg, ch=1)
-        except ConfigError as exc:
-            raise StageError(str(exc)) from None
-        model = model.fuse().eval().to(self.device)
-        if self.half:
-            model = model.half()
-        return model, f"{cfg.cfg} (untrained, seed {cfg.seed})"
+            return read_images(os.path.expanduser(folder), limit=16)
+        except ValueError as exc:
+            raise StageError(f"gate_images: {exc}") from None
 
     def _forward(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         """uint8 (B, H, W) -> (candidate rows (k, 5+nc) float32, rows per image (B,))."""
-        return self.backend.candidates(batch, self.config.conf_thres)
+        return self.detector.candidates(batch, self.config.conf_thres)
 
     def _input(self, frame: Frame) -> np.ndarray:
         """The frame's detector input: (H, W) uint8 gray, letterboxed here if nobody did."""
-        from edgepipe.yolo.ops import letterbox, to_gray
+        from edgepipe.yolo.ops import to_gray
 
         if frame.image is None:
             raise ValueError(f"frame {frame.source}/{frame.frame_id} carries no image")
         image = to_gray(frame.image)
         if frame.ratio is None:
             frame.height, frame.width = int(image.shape[0]), int(image.shape[1])
-            image, ratio, pad = letterbox(image, self._imgsz, auto=False, stride=self.stride)
+            image, ratio, pad = self.detector.letterbox(image)  # to exactly imgsz (auto: false)
             frame.ratio, frame.pad = (float(ratio[0]), float(ratio[1])), (float(pad[0]), float(pad[1]))
         if image.shape[0] % self.stride or image.shape[1] % self.stride:
             raise ValueError(
@@ -261,7 +286,7 @@ class YoloV5Stage(Processor):
                         frames[i].image = inputs[i]
                     else:
                         frames[i].image = None
-        if self.device.type == "cuda":
+        if self.cuda:
             self.gpu_memory.labels(str(self.device)).set(self._torch.cuda.memory_allocated(self.device))
         return frames
 
