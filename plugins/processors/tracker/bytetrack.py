@@ -12,14 +12,24 @@ rather than letting those tracks die. Per frame:
    pair needs ``1 - IoU <= match_thresh``).
 3. Low-confidence detections (``low_thresh`` up to ``track_thresh``) are matched to the
    confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``).
-4. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
+4. With ``class_aware``, steps 2 and 3 only pair a detection with a track of its class; then
+   the confirmed tracks still unmatched may take a detection of another class that overlaps
+   them well (``IoU >= 0.5``): detectors waver between similar classes on one object (a shape
+   half out of the frame, a partly hidden one), and a new id each time would be an identity
+   switch.
+5. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
    left (``1 - IoU <= 0.7``); a tentative track that misses a frame is dropped.
-5. High detections still left, of at least ``new_track_thresh``, start tentative tracks.
-6. A confirmed track unseen for longer than ``track_buffer`` ends.
+6. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
+   60% or more of their box lies on a detection taken in this frame or on a confirmed track
+   lost on this frame, one at most 2.5 times their size:
+   that is the same object seen twice (as two classes, or a part of it), not a new one, and a
+   new object coming out from behind a tracked one gets its track once it is mostly in view.
+7. A confirmed track unseen for longer than ``track_buffer`` ends.
 
-With ``class_aware`` (the default) a detection is only ever matched to a track of its class, so
-two objects of different classes crossing each other cannot swap identities; without it, the
-track's label is the class with the most confidence summed over its detections.
+With ``class_aware`` (the default) a detection goes to a track of its class first, so two
+objects of different classes crossing each other keep their identities. A track's label is the
+class with the most confidence summed over its detections; when that changes, an ``update``
+says so.
 
 Ids are given when a track is confirmed, through the ``allocate`` callback (the stage persists
 the next id before any frame carrying it leaves, so a restarted tracker never reuses one).
@@ -35,25 +45,43 @@ from scipy.optimize import linear_sum_assignment
 
 from .kalman import KalmanXYWH, xywh_to_xyxy, xyxy_to_xywh
 
-__all__ = ["ByteTracker", "Params", "Track", "iou_matrix"]
+__all__ = ["ByteTracker", "Params", "Track", "ioa_matrix", "iou_matrix"]
 
 LOW_MATCH_THRESH = 0.5  # step 3: the low boxes must overlap well to continue a track
-TENTATIVE_MATCH_THRESH = 0.7  # step 4: ByteTrack's value for unconfirmed tracks
+CLASS_CHANGE_THRESH = 0.5  # step 4: another class continues a track only at IoU >= 0.5
+TENTATIVE_MATCH_THRESH = 0.7  # step 5: ByteTrack's value for unconfirmed tracks
+DUPLICATE_IOA = 0.6  # step 6: a detection lying this much on a tracked object is that object,
+DUPLICATE_AREA = 0.4  # unless it is less than this fraction of its size
 
 
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box of ``a`` (n, 4) with every box of ``b`` (m, 4), x1 y1 x2 y2 -> (n, m)."""
+def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersection (n, m), area of a (n,), area of b (m,)) of x1 y1 x2 y2 boxes."""
     a = np.asarray(a, np.float64).reshape(-1, 4)
     b = np.asarray(b, np.float64).reshape(-1, 4)
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
     area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
     area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter, area_a, area_b
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (n, 4) with every box of ``b`` (m, 4), x1 y1 x2 y2 -> (n, m)."""
+    inter, area_a, area_b = _overlap(a, b)
     union = area_a[:, None] + area_b[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The fraction of each box of ``a`` that lies on each box of ``b`` -> (n, m)."""
+    inter, area_a, _ = _overlap(a, b)
+    return np.where(area_a[:, None] > 0, inter / np.maximum(area_a[:, None], 1e-12), 0.0)
 
 
 class Params:
@@ -142,8 +170,11 @@ class ByteTracker:
 
         # 1. predict every track to now
         if self.tracks:
-            means, covs = self.kalman.predict(
-                np.stack([t.mean for t in self.tracks]), np.stack([t.cov for t in self.tracks]), dt)
+            means = np.stack([t.mean for t in self.tracks])
+            # A lost track keeps moving but stops growing or shrinking: extrapolating its size
+            # for seconds makes a box that no detection fits (ByteTrack does the same).
+            means[[t.lost_for > 0 for t in self.tracks], 6:8] = 0.0
+            means, covs = self.kalman.predict(means, np.stack([t.cov for t in self.tracks]), dt)
             for t, m, c in zip(self.tracks, means, covs):
                 t.mean, t.cov, t.confidence = m, c, None
 
@@ -159,15 +190,21 @@ class ByteTracker:
         tentative = [t for t in self.tracks if t.track_id is None]
         matched: List[Tuple[Track, int]] = []
 
-        # 2. high detections <-> confirmed tracks (lost ones too)
-        pairs, left_tracks, left_high = self._associate(confirmed, dets, high, p.match_thresh)
+        # 2. high detections <-> confirmed tracks (lost ones too); 4. then across classes
+        pairs, left_tracks, left_high = self._associate(confirmed, dets, high, p.match_thresh, p.class_aware)
         matched += pairs
-        # 3. low detections <-> confirmed tracks seen on the previous frame
+        if p.class_aware:
+            pairs, left_tracks, left_high = self._associate(left_tracks, dets, left_high, CLASS_CHANGE_THRESH, False)
+            matched += pairs
+        # 3. low detections <-> confirmed tracks seen on the previous frame; 4. then across classes
         recent = [t for t in left_tracks if t.lost_for == 0.0]
-        pairs, _, _ = self._associate(recent, dets, low, LOW_MATCH_THRESH)
+        pairs, recent, left_low = self._associate(recent, dets, low, LOW_MATCH_THRESH, p.class_aware)
         matched += pairs
-        # 4. tentative tracks <-> the high detections left
-        pairs, _, left_high = self._associate(tentative, dets, left_high, TENTATIVE_MATCH_THRESH)
+        if p.class_aware:
+            pairs, _, _ = self._associate(recent, dets, left_low, CLASS_CHANGE_THRESH, False)
+            matched += pairs
+        # 5. tentative tracks <-> the high detections left
+        pairs, _, left_high = self._associate(tentative, dets, left_high, TENTATIVE_MATCH_THRESH, False)
         matched += pairs
 
         if matched:
@@ -198,8 +235,20 @@ class ByteTracker:
                 continue
             survivors.append(t)
 
-        # 5. new tentative tracks from the high detections nobody took
-        fresh = [d for d in left_high if scores[d] >= p.new_track_thresh]
+        # 6. new tentative tracks from the high detections nobody took (and nothing tracked covers)
+        fresh = [d for d in left_high.tolist() if scores[d] >= p.new_track_thresh]
+        if fresh:
+            # Tracks lost on this very frame still have a trustworthy predicted box; older ones
+            # have drifted too far to vouch for what is there.
+            known = [dets[d, :4] for _, d in matched] + [
+                t.predicted_box() for t in survivors if t.track_id is not None and 0 < t.lost_for <= dt]
+            if known:
+                boxes = dets[np.array(fresh), :4]
+                others = np.stack(known)
+                # ...and not much smaller: a small object in front of a big one is an object.
+                ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
+                same = (ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)
+                fresh = [d for d, dup in zip(fresh, same.any(axis=1).tolist()) if not dup]
         if fresh:
             rows = np.array(fresh)
             means, covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
@@ -219,16 +268,16 @@ class ByteTracker:
         return done
 
     def _associate(
-        self, tracks: List[Track], dets: np.ndarray, rows: np.ndarray, thresh: float
+        self, tracks: List[Track], dets: np.ndarray, rows: np.ndarray, thresh: float, same_class: bool
     ) -> Tuple[List[Tuple[Track, int]], List[Track], np.ndarray]:
         """Optimal IoU assignment of ``tracks`` to detection ``rows``: (pairs, tracks left,
-        rows left). A pair needs ``1 - IoU <= thresh`` (and the same class when class-aware)."""
+        rows left). A pair needs ``1 - IoU <= thresh`` (and the same class with ``same_class``)."""
         rows = np.asarray(rows, np.int64)
         if not tracks or not len(rows):
             return [], list(tracks), rows
         boxes = np.stack([t.predicted_box() for t in tracks])
         cost = 1.0 - iou_matrix(boxes, dets[rows, :4])
-        if self.params.class_aware:
+        if same_class:
             track_cls = np.array([t.class_id for t in tracks])
             cost[track_cls[:, None] != dets[rows, 5].astype(np.int64)[None, :]] = 2.0
         ti, di = linear_sum_assignment(cost)
@@ -241,20 +290,18 @@ class ByteTracker:
 
     def _seen(self, t: Track, det: np.ndarray, timestamp: float, events: List[Event]) -> None:
         conf, cls = float(det[4]), int(det[5])
-        if t.lost_for == 0.0 or t.track_id is None:
-            t.hits += 1
+        t.hits += 1
         t.lost_for = 0.0
         t.box = det[:4].astype(np.float64)
         t.confidence = conf
         t.best_confidence = max(t.best_confidence, conf)
         t.last_seen = timestamp
         t.votes[cls] = t.votes.get(cls, 0.0) + conf
-        if not self.params.class_aware:
-            best = max(t.votes, key=lambda c: t.votes[c])
-            if best != t.class_id:
-                t.class_id = best
-                if t.track_id is not None:
-                    events.append(("update", t, {"changed": ["label"]}))
+        best = max(t.votes, key=lambda c: t.votes[c])
+        if best != t.class_id:
+            t.class_id = best
+            if t.track_id is not None:
+                events.append(("update", t, {"changed": ["label"]}))
 
     def _confirm(self, t: Track, events: List[Event]) -> None:
         t.track_id = self.allocate()
