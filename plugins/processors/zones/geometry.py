@@ -45,9 +45,6 @@ def polygon_problem(points: Sequence[Sequence[float]]) -> Optional[str]:
     for i in range(n):
         if np.array_equal(pts[i], pts[(i + 1) % n]):
             return f"points {i} and {(i + 1) % n} are the same"
-    area = 0.5 * float(np.sum(pts[:, 0] * np.roll(pts[:, 1], -1) - np.roll(pts[:, 0], -1) * pts[:, 1]))
-    if abs(area) < 1e-12:
-        return "the polygon has no area (its points lie on one line)"
     for i in range(n):
         a1, a2 = pts[i], pts[(i + 1) % n]
         for j in range(i + 1, n):
@@ -55,6 +52,9 @@ def polygon_problem(points: Sequence[Sequence[float]]) -> Optional[str]:
                 continue  # neighbouring edges share a vertex by construction
             if _segments_meet(a1, a2, pts[j], pts[(j + 1) % n]):
                 return f"edges {i}-{(i + 1) % n} and {j}-{(j + 1) % n} cross: the polygon intersects itself"
+    area = 0.5 * float(np.sum(pts[:, 0] * np.roll(pts[:, 1], -1) - np.roll(pts[:, 0], -1) * pts[:, 1]))
+    if abs(area) < 1e-12:
+        return "the polygon has no area (its points lie on one line)"
     return None
 
 
