@@ -3,7 +3,9 @@ a track id and can end the tracks that were open.
 
 The sources keep their next frame id there (:class:`edgepipe.runtime.PositionFile`); the tracker
 does the same for its next track id per source, plus a summary of every confirmed track still
-open (label, first and last seen, best confidence, last box, snapshot): ``<stage>.tracker.json``.
+open (label, first and last seen, best confidence, last box, snapshot): ``<stage>.state.json``
+(:data:`edgepipe.runtime.STATE_SUFFIX`: the daemon removes it when it stops, and a stale one when
+it starts).
 The file is rewritten (to a temporary name, then renamed over, so a kill never leaves half of
 it) before a frame carrying a new id leaves the stage, when a track ends, and otherwise at most
 once a second, so ``last_seen`` and ``bbox`` of a track ended by a restart can be up to a
@@ -21,9 +23,9 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
-__all__ = ["TrackerState", "daemon_run"]
+from edgepipe.runtime import STATE_SUFFIX as SUFFIX
 
-SUFFIX = ".tracker.json"
+__all__ = ["SUFFIX", "TrackerState", "daemon_run"]
 
 
 def daemon_run() -> str:
