@@ -174,3 +174,68 @@ def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_fram
         assert r["idf1"] >= 0.90, (rate, r)
         assert r["mota"] >= 0.80, (rate, r)
         assert r["switches_per_100_tracks"] <= 10.0, (rate, r)
+
+
+def pictured(i: int, conf: float, x: float = 40.0) -> Frame:
+    img = np.full((240, 320), 80, np.uint8)
+    img[100:140, int(x) + 4 * i:int(x) + 4 * i + 40] = 220
+    f = frame(i, [[x + 4 * i, 100, x + 4 * i + 40, 140, conf, 1]])
+    f.original, f.width, f.height = img, 320, 240
+    return f
+
+
+def test_snapshots_best_confidence_named_in_events_and_capped(tmp_path: Path):
+    import cv2
+
+    snaps = tmp_path / "snaps"
+    t = tracker(snapshots={"dir": str(snaps), "max_bytes": 2**20, "min_interval": 0.0, "min_gain": 0.05})
+    assert t.needs_original, "snapshots ask for the original picture"
+    events = []
+    for i, conf in enumerate([0.6, 0.62, 0.7, 0.69, 0.9, 0.91]):
+        f = pictured(i, conf)
+        t.process([f])
+        events += f.events
+    new = [e for e in events if e["type"] == "new"][0]
+    assert new["snapshot"]["confidence"] == pytest.approx(0.62)
+    better = [e for e in events if e["type"] == "update"]
+    assert [e["changed"] for e in better] == [["snapshot"], ["snapshot"]]
+    assert [e["snapshot"]["confidence"] for e in better] == pytest.approx([0.7, 0.9])
+    for i in range(6, 40):  # the object is gone: the track ends, naming its best snapshot
+        f = frame(i, [])
+        t.process([f])
+        events += f.events
+    end = [e for e in events if e["type"] == "end"][0]
+    assert end["snapshot"]["confidence"] == pytest.approx(0.9) and end["snapshot"]["frame_id"] == 4
+    crop = cv2.imread(str(snaps / end["snapshot"]["crop"]), cv2.IMREAD_GRAYSCALE)
+    full = cv2.imread(str(snaps / end["snapshot"]["frame"]))
+    assert crop is not None and full.shape == (240, 320, 3)
+    assert crop.shape[0] >= 40 and crop.mean() > 150, "the crop shows the bright object"
+    assert sorted(p.name for p in snaps.iterdir()) == sorted([end["snapshot"]["crop"], end["snapshot"]["frame"]])
+
+    # The size cap: the oldest files go first.
+    small = tmp_path / "small"
+    t = tracker(snapshots={"dir": str(small), "max_bytes": 2**20, "min_interval": 0.0})
+    filler = small / "old.jpg"
+    filler.write_bytes(b"\xff" * (2**20 - 100))
+    import os
+
+    os.utime(filler, (1, 1))
+    t.writer.open()  # index what is there now
+    for i in range(3):
+        t.process([pictured(i, 0.9)])
+    assert not filler.exists(), "the oldest file is removed first when the cap is passed"
+    assert len(list(small.iterdir())) == 2
+
+
+def test_unwritable_snapshot_dir_makes_the_stage_unhealthy_but_it_keeps_tracking(tmp_path: Path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    t = tracker(snapshots={"dir": str(blocked / "snaps")})
+    assert t.metrics.problem and "not usable" in t.metrics.problem
+    ids = []
+    for i in range(4):
+        f = pictured(i, 0.9)
+        t.process([f])
+        ids.append(f.track_ids[0])
+    assert ids[1:] == [1, 1, 1]
+    assert "cannot write snapshots" in (t.metrics.problem or "")
