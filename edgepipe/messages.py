@@ -5,7 +5,8 @@ A frame crosses a process boundary as one ZeroMQ multipart message::
     [header, payload_0, payload_1, ...]
 
 ``header`` is msgpack: ``{"v": 1, "source", "frame_id", "timestamp", "width", "height", "ratio",
-"pad", "names", "timing", "meta", "events", "arrays": [[field, dtype, shape], ...]}``; each payload is the
+"pad", "names", "timing", "meta", "events", "track_ids", "arrays": [[field, dtype, shape], ...]}``
+(``events`` and ``track_ids`` only when set); each payload is the
 raw C-contiguous bytes of one ndarray, sent without copying and received as a read-only view of
 the ZeroMQ buffer (no copy either). An end-of-stream marker is a single part header
 ``{"v": 1, "eos": true, "source": ...}``.
@@ -15,7 +16,14 @@ the worker counts and drops. Arrays decoded from the wire are read-only: a stage
 change an image assigns a new array.
 
 The detection message is what subscribers read (``detections/<source>`` topics): see
-:func:`detection_message` and ``edgepipe schema detections``.
+:func:`detection_message` and ``edgepipe schema detections``. The event message (``events/<source>``
+topics, :func:`event_message`, ``edgepipe schema events``) tells what happened to a tracked
+object: it appears, changes, enters or leaves a zone, crosses a line, loiters, ends.
+
+Track ids travel in the header as a list beside the detections (``track_ids[i]`` is the id of
+detection row ``i``, None while that detection belongs to no confirmed track), not as a seventh
+float column: ids must stay exact integers for the daemon's whole life (a float32 column is
+exact only up to 2**24), and a short msgpack list costs less than an extra payload part.
 """
 
 from __future__ import annotations
@@ -37,8 +45,13 @@ __all__ = [
     "EndMarker",
     "Frame",
     "MessageError",
+    "EVENTS_SCHEMA",
+    "EVENT_TYPES",
+    "MAX_TRACK_ID",
+    "TRACK_FIELDS",
     "decode",
     "detection_message",
+    "event_message",
     "encode",
     "encode_eos",
     "frame_problem",
@@ -46,7 +59,13 @@ __all__ = [
 ]
 
 WIRE_VERSION = 1
-DETECTIONS_SCHEMA = "edgepipe.detections/v1"
+# v2: every detection gains ``track_id`` (an integer, or null while not tracked); the fields of
+# v1 keep their meaning.
+DETECTIONS_SCHEMA = "edgepipe.detections/v2"
+EVENTS_SCHEMA = "edgepipe.events/v1"
+# Lifecycle of a track (from the ``tracker`` stage), then what the ``zones`` stage reports.
+EVENT_TYPES = ("new", "update", "end", "enter", "leave", "cross", "loiter")
+MAX_TRACK_ID = 2**53 - 1  # the largest integer every JSON reader (JavaScript too) keeps exact
 
 # The ndarray fields of a Frame, and the dtypes the wire accepts for them.
 ARRAY_FIELDS = ("image", "original", "candidates", "detections")
@@ -83,6 +102,9 @@ class Frame:
     # Event messages raised while this frame passed (json-able maps, each a whole message for the
     # ``events/<source>`` topic); sinks that publish events send them, others ignore them.
     events: List[Dict[str, Any]] = field(default_factory=list)
+    # Track id per detection row (None: not part of a confirmed track); set by a tracker. A stage
+    # that drops or reorders detection rows after the tracker must do the same here.
+    track_ids: Optional[List[Optional[int]]] = None
 
     def __post_init__(self) -> None:
         if self.image is not None and not self.width:
@@ -124,6 +146,8 @@ def encode(frame: Frame) -> List[Any]:
     }
     if frame.events:
         header["events"] = frame.events
+    if frame.track_ids is not None:
+        header["track_ids"] = frame.track_ids
     parts[0] = msgpack.packb(header, use_bin_type=True)
     return parts
 
@@ -230,6 +254,7 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         arr.flags.writeable = False  # a view of the message buffer: stages assign new arrays
         arrays[name] = arr
 
+    track_ids = _track_ids(header.get("track_ids"), arrays.get("detections"))
     return Frame(
         source=source,
         frame_id=frame_id,
@@ -242,6 +267,7 @@ def decode(parts: Sequence[Any]) -> Union[Frame, EndMarker]:
         timing={str(k): float(v) for k, v in timing.items() if isinstance(v, (int, float))},
         meta=meta,
         events=events,
+        track_ids=track_ids,
         **arrays,
     )
 
@@ -274,13 +300,35 @@ def frame_problem(frame: Frame) -> Optional[str]:
     return None
 
 
+def _track_ids(value: Any, detections: Optional[np.ndarray]) -> Optional[List[Optional[int]]]:
+    """The header's ``track_ids``: one entry per detection row, each None or an id in
+    1..MAX_TRACK_ID; MessageError otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise MessageError(f"header 'track_ids' must be a list, got {type(value).__name__}")
+    rows = 0 if detections is None else int(detections.shape[0])
+    if len(value) != rows:
+        raise MessageError(f"header 'track_ids' has {len(value)} entries for {rows} detection rows")
+    for v in value:
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TRACK_ID):
+            raise MessageError(f"header 'track_ids' holds {v!r:.30}; expected null or an id 1..2**53-1")
+    return value
+
+
 def detection_message(frame: Frame, published_at: Optional[float] = None) -> Dict[str, Any]:
     """The JSON document published on ``detections/<source>`` (see the shipped JSON Schema)."""
     published_at = time.time() if published_at is None else published_at
     dets = []
     names = frame.names or []
     if frame.detections is not None:
-        for x1, y1, x2, y2, conf, cls in frame.detections.tolist():
+        rows = frame.detections.tolist()
+        ids = frame.track_ids if frame.track_ids is not None else [None] * len(rows)
+        if len(ids) != len(rows):
+            raise ValueError(
+                f"frame {frame.source}/{frame.frame_id} has {len(ids)} track ids for {len(rows)} detections"
+            )
+        for (x1, y1, x2, y2, conf, cls), tid in zip(rows, ids):
             c = int(cls)
             dets.append(
                 {
@@ -288,6 +336,7 @@ def detection_message(frame: Frame, published_at: Optional[float] = None) -> Dic
                     "confidence": round(conf, 5),
                     "class_id": c,
                     "label": names[c] if 0 <= c < len(names) else str(c),
+                    "track_id": tid,
                 }
             )
     msg: Dict[str, Any] = {
@@ -305,6 +354,52 @@ def detection_message(frame: Frame, published_at: Optional[float] = None) -> Dic
     }
     if "file" in frame.meta:
         msg["file"] = frame.meta["file"]
+    return msg
+
+
+TRACK_FIELDS = (
+    "track_id", "label", "class_id", "first_seen", "last_seen", "best_confidence", "confidence",
+    "bbox", "snapshot",
+)
+"""What every event says about its track (see :func:`event_message`)."""
+
+
+def event_message(
+    kind: str,
+    frame: Frame,
+    track: Dict[str, Any],
+    run: str,
+    zones: Sequence[str] = (),
+    **fields: Any,
+) -> Dict[str, Any]:
+    """One event for the ``events/<source>`` topic (schema ``edgepipe.events/v1``, ``edgepipe
+    schema events``): ``kind`` (one of :data:`EVENT_TYPES`) happened to a track on ``frame``.
+
+    ``track`` holds the :data:`TRACK_FIELDS` (a tracker's summary of the track as of this frame);
+    ``zones`` the zones the track is in now; ``fields`` what the kind adds (``changed`` for
+    update, ``reason`` for end, ``zone``/``line``/``direction``/``duration`` for the zone kinds).
+    ``run`` names the tracker's run (new for each daemon start, kept across worker restarts), so
+    ``event_id`` is unique per source for ever and the same event always gets the same id: a
+    consumer de-duplicates on it. The message is complete on its own (label as text, boxes in
+    original-frame pixels with the frame size beside them)."""
+    if kind not in EVENT_TYPES:
+        raise ValueError(f"event type {kind!r} is not one of {', '.join(EVENT_TYPES)}")
+    place = fields.get("zone") or fields.get("line")
+    event_id = f"{run}-{track['track_id']}-{frame.frame_id}-{kind}" + (f"-{place}" if place else "")
+    msg: Dict[str, Any] = {
+        "schema": EVENTS_SCHEMA,
+        "event_id": event_id,
+        "type": kind,
+        "source": frame.source,
+        "frame_id": frame.frame_id,
+        "timestamp": frame.timestamp,
+        "width": frame.width,
+        "height": frame.height,
+    }
+    for key in TRACK_FIELDS:
+        msg[key] = track.get(key)
+    msg["zones"] = sorted(zones)
+    msg.update(fields)
     return msg
 
 

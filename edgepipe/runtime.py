@@ -10,7 +10,9 @@ a second daemon on the same directory is refused, and a directory whose lock nob
 left by a killed daemon, so its stale sockets (and, for the per-daemon directories, the directory
 itself) are removed. Two daemons side by side each get their own directory; only their TCP ports
 (metrics, publishers) must differ. Besides the sockets, each source keeps its next frame id there
-(:class:`PositionFile`), so a restarted source continues its ids.
+(:class:`PositionFile`), so a restarted source continues its ids, and a stage may keep state for
+its own restarts in ``<stage>.state.json`` (the tracker's next track ids); both go with the
+daemon.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ LOCK_NAME = "edgepipe.lock"
 CONTROL_NAME = "control"
 INPUT_SUFFIX = ".in"
 POSITION_SUFFIX = ".next"
+STATE_SUFFIX = ".state.json"  # a stage's own state for its restarts (the tracker's next ids)
 _POSITION = struct.Struct("<Q")
 
 
@@ -101,10 +104,11 @@ def _unlink(path: str) -> None:
 
 
 def _remove_sockets(path: str) -> None:
-    """Remove the sockets and source positions a daemon leaves in its runtime dir."""
+    """Remove the sockets, source positions and stage states a daemon leaves in its runtime dir."""
     for p in (
         glob.glob(os.path.join(path, "*" + INPUT_SUFFIX))
         + glob.glob(os.path.join(path, "*" + POSITION_SUFFIX))
+        + glob.glob(os.path.join(path, "*" + STATE_SUFFIX))
         + [os.path.join(path, CONTROL_NAME)]
     ):
         _unlink(p)

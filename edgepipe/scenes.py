@@ -4,8 +4,11 @@ Four classes of filled shapes (:data:`CLASSES`) are drawn anti-aliased at any po
 rotation, lighter or darker than their surroundings, over noisy gradient and textured
 backgrounds, then blurred, re-lit, motion-blurred and given sensor noise. :func:`render_scene`
 makes independent training/evaluation images; :class:`SceneStream` makes a deterministic video
-of moving, rotating, bouncing shapes for the ``synthetic`` source. Both draw shapes with the
-same code, so a model trained on one detects the other.
+of moving, rotating, bouncing shapes for the ``synthetic`` source (or shapes that leave the frame
+and are replaced by new ones coming in, or shapes following a script of straight paths). Both
+draw shapes with the same code, so a model trained on one detects the other. The video knows
+which object is which: :attr:`SceneStream.last_ids` gives the identity of each truth row, for
+measuring trackers.
 
 Coordinates: pixel ``i`` covers the interval ``[i, i + 1)``; a truth row is
 ``[class_id, x1, y1, x2, y2]`` in those continuous pixel coordinates, the tight axis-aligned box
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -26,6 +29,7 @@ import numpy as np
 __all__ = [
     "CLASSES",
     "SceneStream",
+    "ScriptedPath",
     "Shape",
     "render_scene",
     "render_shape",
@@ -209,10 +213,11 @@ def _fill_value(rng: np.random.Generator, region: np.ndarray, min_contrast: floa
 
 
 def _composite(canvas: np.ndarray, shapes: List[Shape], polys: List[np.ndarray],
-               min_visible: float) -> np.ndarray:
+               min_visible: float, kept: Optional[List[int]] = None) -> np.ndarray:
     """Draws ``shapes`` in order onto the float canvas; returns truth rows for those at least
     ``min_visible`` visible (later shapes cover earlier ones; the box of a partly covered
-    shape is the box of its pixels that stay at least half visible)."""
+    shape is the box of its pixels that stay at least half visible). ``kept``, when given,
+    receives the index in ``shapes`` of each returned row."""
     height, width = canvas.shape
     drawn: List[Tuple[int, Tuple[int, int, int, int], np.ndarray]] = []
     for i, (shape, pts) in enumerate(zip(shapes, polys)):
@@ -247,6 +252,8 @@ def _composite(canvas: np.ndarray, shapes: List[Shape], polys: List[np.ndarray],
         if box[2] - box[0] < 2 or box[3] - box[1] < 2:
             continue
         truth.append((shapes[i].class_id,) + box)
+        if kept is not None:
+            kept.append(i)
     return np.array(truth, np.float32).reshape(-1, 5)
 
 
@@ -393,6 +400,34 @@ class _Mover:
     vy: float
     spin: float
     contrast: float
+    ident: int = 0  # ground-truth identity, 1, 2, ... in order of appearance
+    path: Optional[ScriptedPath] = None  # scripted objects follow their path instead of vx, vy
+    gone: int = 0  # exits mode: frames until a new object comes in to replace this one (0: here)
+
+
+@dataclass
+class ScriptedPath:
+    """One scripted object: a shape of ``class_id`` and ``size`` (pixels) moving in a straight
+    line at constant speed from ``start`` (x, y centre, continuous pixels) on frame ``first`` to
+    ``end`` on frame ``first + frames``; it is not in the picture before or after. ``contrast``
+    is its gray level above (positive) or below (negative) the background."""
+
+    class_id: int
+    size: float
+    start: Tuple[float, float]
+    end: Tuple[float, float]
+    first: int = 0
+    frames: int = 100
+    angle: float = 0.0
+    contrast: float = 90.0
+
+    def centre(self, frame: int) -> Optional[Tuple[float, float]]:
+        """Where the object is on ``frame``; None when it is not in the scene then."""
+        if not self.first <= frame <= self.first + self.frames:
+            return None
+        f = (frame - self.first) / max(self.frames, 1)
+        return (self.start[0] + f * (self.end[0] - self.start[0]),
+                self.start[1] + f * (self.end[1] - self.start[1]))
 
 
 class SceneStream:
@@ -401,13 +436,22 @@ class SceneStream:
     background with fresh sensor noise each frame.
 
     ``next()`` returns (image uint8 (height, width), truth float32 (n, 5)) exactly like
-    :func:`render_scene`. The same ``(width, height, seed, objects, size_range)`` always gives
-    the same frames. ``size_range`` defaults to 28/720 .. 300/720 of the shorter frame side
-    (28 to 300 px for 1280x720 or 720x1280 frames).
+    :func:`render_scene`, and :attr:`last_ids` the ground-truth identity of each truth row. The
+    same ``(width, height, seed, objects, size_range, exits, script)`` always gives the same
+    frames. ``size_range`` defaults to 28/720 .. 300/720 of the shorter frame side (28 to 300 px
+    for 1280x720 or 720x1280 frames).
+
+    ``exits=True``: objects do not bounce but leave the frame; some frames later a new object
+    (a new identity, its own class and size) comes in from a random edge. A tracker cannot know
+    that an object coming back in is one it saw before (the shapes of a class look alike), so the
+    truth gives it a new identity, as it would a stranger. ``script`` replaces the random objects
+    by :class:`ScriptedPath` objects (identities 1, 2, ... in script order): scenes whose
+    crossings and zone entries are known in advance.
     """
 
     def __init__(self, width: int, height: int, seed: int = 0, objects: int = 4,
-                 size_range: Tuple[float, float] | None = None) -> None:
+                 size_range: Tuple[float, float] | None = None, exits: bool = False,
+                 script: Optional[Sequence[ScriptedPath]] = None) -> None:
         if width < 16 or height < 16:
             raise ValueError(f"frame size {width}x{height} is too small (need at least 16x16)")
         if objects < 0:
@@ -420,7 +464,10 @@ class SceneStream:
             raise ValueError(f"size_range {size_range!r} must satisfy 2 <= min <= max")
         self.width, self.height = int(width), int(height)
         self.size_range = (lo, min(hi, 0.9 * short))
+        self.exits = bool(exits)
         self.frame_index = 0
+        self.last_ids: List[int] = []  # identity of each truth row of the latest next()
+        self._next_ident = 1
         self._rng = np.random.default_rng(seed)
         rng = self._rng
         bg = np.full((height, width), rng.uniform(70, 190), np.float32)
@@ -434,6 +481,15 @@ class SceneStream:
         noise = rng.standard_normal((height + pad, width + pad)).astype(np.float32)
         self._noise = (noise * self._noise_sigma).astype(np.float32)
         self._movers: List[_Mover] = []
+        if script is not None:
+            for path in script:
+                if not 0 <= path.class_id < len(CLASSES):
+                    raise ValueError(f"scripted class_id {path.class_id} is not one of 0..{len(CLASSES) - 1}")
+                shape = Shape(class_id=path.class_id, cx=path.start[0], cy=path.start[1],
+                              size=float(path.size), angle=float(path.angle), form=0.5)
+                self._movers.append(_Mover(shape=shape, vx=0.0, vy=0.0, spin=0.0,
+                                           contrast=float(path.contrast), ident=self._ident(), path=path))
+            return
         for i in range(objects):
             lo_s, hi_s = self.size_range
             size = float(math.exp(rng.uniform(math.log(lo_s), math.log(hi_s))))
@@ -450,11 +506,58 @@ class SceneStream:
             self._movers.append(_Mover(
                 shape=shape, vx=speed * math.cos(heading), vy=speed * math.sin(heading),
                 spin=float(rng.uniform(-0.05, 0.05)),
-                contrast=float(rng.uniform(40, 110)) * (1 if rng.random() < 0.5 else -1)))
+                contrast=float(rng.uniform(40, 110)) * (1 if rng.random() < 0.5 else -1),
+                ident=self._ident()))
+
+    def _ident(self) -> int:
+        self._next_ident += 1
+        return self._next_ident - 1
+
+    def _outside(self, s: Shape) -> bool:
+        half = s.size / 2
+        return (s.cx + half < 0 or s.cx - half > self.width or
+                s.cy + half < 0 or s.cy - half > self.height)
+
+    def _come_in(self, m: _Mover) -> None:
+        """Exits mode: ``m`` becomes a new object entering from a random edge, heading inwards."""
+        rng = self._rng
+        lo_s, hi_s = self.size_range
+        size = float(math.exp(rng.uniform(math.log(lo_s), math.log(hi_s))))
+        speed = rng.uniform(0.4, 2.5) * max(self.width, self.height) / 640.0
+        edge = int(rng.integers(0, 4))  # 0 left, 1 right, 2 top, 3 bottom
+        inward = (0.0, math.pi, 0.5 * math.pi, -0.5 * math.pi)[edge]
+        heading = inward + rng.uniform(-1.0, 1.0)
+        along = rng.uniform(0.15, 0.85)
+        half = size / 2
+        cx, cy = (
+            (-half + 1, along * self.height), (self.width + half - 1, along * self.height),
+            (along * self.width, -half + 1), (along * self.width, self.height + half - 1),
+        )[edge]
+        m.shape = Shape(class_id=int(rng.integers(0, len(CLASSES))), cx=float(cx), cy=float(cy),
+                        size=size, angle=float(rng.uniform(0, 2 * math.pi)), form=float(rng.random()))
+        m.vx, m.vy = speed * math.cos(heading), speed * math.sin(heading)
+        m.spin = float(rng.uniform(-0.05, 0.05))
+        m.contrast = float(rng.uniform(40, 110)) * (1 if rng.random() < 0.5 else -1)
+        m.ident = self._ident()
+        m.gone = 0
 
     def _step(self) -> None:
         for m in self._movers:
             s = m.shape
+            if m.path is not None:
+                continue  # placed from its path in next()
+            if self.exits:
+                if m.gone:
+                    m.gone -= 1
+                    if not m.gone:
+                        self._come_in(m)
+                    continue
+                s.cx += m.vx
+                s.cy += m.vy
+                s.angle = (s.angle + m.spin) % (2 * math.pi)
+                if self._outside(s):
+                    m.gone = int(self._rng.integers(5, 40))  # out of the picture for a while
+                continue
             half = s.size / 2
             s.cx += m.vx
             s.cy += m.vy
@@ -469,8 +572,15 @@ class SceneStream:
     def next(self) -> Tuple[np.ndarray, np.ndarray]:
         """The next frame and its truth; advances the stream by one frame."""
         canvas = self._background.copy()
-        shapes, polys = [], []
+        shapes, polys, idents = [], [], []
         for m in self._movers:
+            if m.path is not None:
+                centre = m.path.centre(self.frame_index)
+                if centre is None:
+                    continue
+                m.shape.cx, m.shape.cy = centre
+            elif m.gone:
+                continue
             pts = shape_polygon(m.shape)
             win = _window(pts, self.width, self.height)
             if win is None:
@@ -483,7 +593,10 @@ class SceneStream:
             m.shape.value = float(np.clip(value, 0, 255))
             shapes.append(m.shape)
             polys.append(pts)
-        truth = _composite(canvas, shapes, polys, 0.4)
+            idents.append(m.ident)
+        kept: List[int] = []
+        truth = _composite(canvas, shapes, polys, 0.4, kept)
+        self.last_ids = [idents[i] for i in kept]
         ox = int(self._rng.integers(0, 64))
         oy = int(self._rng.integers(0, 64))
         canvas += self._noise[oy:oy + self.height, ox:ox + self.width]

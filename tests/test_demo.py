@@ -40,11 +40,12 @@ def validate(path: Path) -> subprocess.CompletedProcess:
 def test_demo_config_validates_and_runs_the_whole_chain_on_the_builtin_model():
     done = validate(DEMO)
     assert done.returncode == 0, done.stderr
-    assert "OK: 8 stages" in done.stdout, done.stdout
+    assert "OK: 10 stages" in done.stdout, done.stdout
     stages = yaml.safe_load(DEMO.read_text())["stages"]
     types = {name: s["type"] for name, s in stages.items()}
     assert sorted(types.values()) == sorted(
-        ["synthetic", "letterbox", "yolov5", "nms", "zmq_pub", "jsonl", "preview", "video"])
+        ["synthetic", "letterbox", "yolov5", "nms", "tracker", "zones", "zmq_pub", "jsonl", "preview", "video"])
+    assert stages["zones"]["zones"] and stages["zones"]["lines"], "the demo shows a zone and a line"
     detector = stages["detector"]
     assert detector["weights"] == "builtin:demo"
     # docs/training.md: 1280x720 frames letterboxed to 640 keep the objects in the trained range.
@@ -115,6 +116,11 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
             return any(s["message"]["source"] == "scene" and s["message"]["detections"] for s in sources)
 
         daemon.wait_until(latest_with_detections, timeout=30, message="the preview page shows no detections")
+        # The zone and the line count live, as the zones stage's own series.
+        assert daemon.sample("edgepipe_zone_objects", stage="zones", source="scene", zone="dock") is not None
+        for direction in ("westward", "eastward"):
+            assert daemon.sample("edgepipe_zone_crossings_total", stage="zones", source="scene",
+                                 line="middle", direction=direction) is not None
         status = daemon.wait_for_line(r"Status: .*publish [\d.]+ fps.*? (\d+) detections", timeout=30)
         assert int(status.group(1)) > 0, status.group(0)
         assert daemon.wait(timeout=120) == 0, daemon.log  # ends by itself after FRAMES frames
@@ -126,7 +132,12 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
 
     assert [m["frame_id"] for m in messages] == list(range(FRAMES))
     assert label_set(messages) == set(CLASSES), "every shape class should be found in the demo scene"
-    records = read_jsonl(out / "detections.jsonl")
+    lines = read_jsonl(out / "detections.jsonl")
+    records = [r for r in lines if r["schema"] == "edgepipe.detections/v2"]
+    events = [r for r in lines if r["schema"] == "edgepipe.events/v1"]
+    assert len(records) + len(events) == len(lines)
+    assert {e["type"] for e in events} >= {"new"}, "the demo's tracks are announced"
+    assert {d["track_id"] for m in messages for d in m["detections"]} - {None}, "detections carry track ids"
     assert [r["frame_id"] for r in records] == list(range(FRAMES))
     assert [r["detections"] for r in records] == [m["detections"] for m in messages]
     video = cv2.VideoCapture(str(out / "demo.webm"))

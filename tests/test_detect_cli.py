@@ -129,7 +129,7 @@ def test_detect_one_image_json_matches_the_api(weights, tmp_path):
     cv2.imwrite(str(path), img)
     img = cv2.imread(str(path))  # what the CLI reads back (JPEG is lossy)
     (msg,) = messages(run_detect(str(path), "--weights", str(weights), "--imgsz", str(IMGSZ), "--json"))
-    assert msg["schema"] == "edgepipe.detections/v1"
+    assert msg["schema"] == "edgepipe.detections/v2"
     assert msg["source"] == "street" and msg["frame_id"] == 0 and msg["file"] == str(path)
     assert set(msg["timing"]["stages"]) == {"letterbox", "inference", "nms"}
     expected = api_detections(weights, img)

@@ -196,7 +196,7 @@ def test_detection_message_matches_model_and_shipped_schema():
     )
     msg = detection_message(f)
     assert msg["schema"] == DETECTIONS_SCHEMA
-    assert msg["detections"][0] == {"bbox": [10.0, 20.0, 110.56, 220.0], "confidence": 0.87654, "class_id": 0, "label": "person"}
+    assert msg["detections"][0] == {"bbox": [10.0, 20.0, 110.56, 220.0], "confidence": 0.87654, "class_id": 0, "label": "person", "track_id": None}
     assert msg["detections"][1]["label"] == "7"  # no name for class 7: its number
     assert 0.04 < msg["timing"]["latency"] < 5
     parsed = DetectionMessage.model_validate_json(dumps(msg))
@@ -217,7 +217,7 @@ def test_schema_command_prints_the_shipped_file():
     assert r.returncode == 0 and json.loads(r.stdout) == detections_schema()
     r = subprocess.run([sys.executable, "-m", "edgepipe", "schema", "nope"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
-    assert r.stderr.strip() == "edgepipe: error: schema 'nope': expected 'config' or 'detections'"
+    assert r.stderr.strip() == "edgepipe: error: schema 'nope': expected 'config', 'detections' or 'events'"
 
 
 def test_subscribe_prints_bare_json_and_times_out(tmp_path):

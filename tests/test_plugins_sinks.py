@@ -86,7 +86,7 @@ def test_zmq_pub_detection_messages_reach_a_subscriber(sub_ctx: zmq.Context):
     first = got[0][1]
     assert first["schema"] == DETECTIONS_SCHEMA and first["source"] == "cam1" and first["frame_id"] == 0
     assert (first["width"], first["height"]) == (160, 120)
-    assert first["detections"][1] == {"bbox": [55.0, 30.0, 85.0, 70.0], "confidence": 0.8, "class_id": 1, "label": "square"}
+    assert first["detections"][1] == {"bbox": [55.0, 30.0, 85.0, 70.0], "confidence": 0.8, "class_id": 1, "label": "square", "track_id": None}
     assert got[1][1]["detections"] == [] and len(got[2][1]["detections"]) == 3
     assert 0.04 < first["timing"]["latency"] < 5
     assert sink.published.value - published_before == 3

@@ -196,7 +196,7 @@ def test_api_latest_reports_detections_and_stats(sink: PreviewSink, feeder: Feed
     assert set(by_source) == {"cam", "lb"}
     cam = by_source["cam"]
     msg = cam["message"]
-    assert msg["schema"] == "edgepipe.detections/v1" and msg["width"] == 320
+    assert msg["schema"] == "edgepipe.detections/v2" and msg["width"] == 320
     assert [d["label"] for d in msg["detections"]] == ["circle", "triangle"]
     assert msg["detections"][1]["bbox"] == CAM_TRIANGLE
     assert by_source["lb"]["message"]["detections"][0]["bbox"] == LB_SQUARE  # original pixels

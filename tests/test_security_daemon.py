@@ -133,7 +133,7 @@ def test_curve_daemon_serves_allowed_subscribers_only(tmp_path: Path):
         assert len(messages) == 20
         ids = [m["frame_id"] for m in messages]
         assert ids == list(range(ids[0], ids[0] + 20)), "an allowed subscriber must get every message"
-        assert all(m["source"] == "cam" and m["schema"] == "edgepipe.detections/v1" for m in messages)
+        assert all(m["source"] == "cam" and m["schema"] == "edgepipe.detections/v2" for m in messages)
         for name in ("stranger", "plain"):
             code, out, err = outputs[name]
             assert code != 0 and out == "", f"{name} subscriber received data: {out[:200]!r}"

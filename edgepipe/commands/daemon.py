@@ -96,9 +96,14 @@ def plugins(
 
 
 def schema(
-    what: str = typer.Argument(..., help="'config' (the pipeline config) or 'detections' (published messages)."),
+    what: str = typer.Argument(
+        ..., help="'config' (the pipeline config), 'detections' or 'events' (published messages)."
+    ),
 ) -> None:
-    """Print a JSON Schema: of the pipeline config (for editors) or of the detection message."""
+    """Print a JSON Schema: of the pipeline config (for editors), of the detection message or of
+    the event message."""
+    from edgepipe.client import SCHEMAS, schema_text
+
     if what == "config":
         from edgepipe.config import config_model
         from edgepipe.registry import Registry
@@ -107,17 +112,20 @@ def schema(
         for line in errors:
             typer.echo(f"edgepipe: warning: left out of the schema: {line}", err=True)
         typer.echo(json.dumps(model.model_json_schema(), indent=2))
-    elif what == "detections":
-        from edgepipe.client import detections_schema_text
-
-        typer.echo(detections_schema_text().rstrip("\n"))
+    elif what in SCHEMAS:
+        typer.echo(schema_text(what).rstrip("\n"))
     else:
-        raise _fail(f"schema {what!r}: expected 'config' or 'detections'", 2)
+        known = ["'config'"] + [repr(s) for s in SCHEMAS]
+        raise _fail(f"schema {what!r}: expected {', '.join(known[:-1])} or {known[-1]}", 2)
 
 
 def subscribe(
     endpoint: str = typer.Argument(..., help="ZeroMQ endpoint of a zmq_pub sink, e.g. tcp://127.0.0.1:5556."),
-    topic: str = typer.Option("detections/", "--topic", help="Topic prefix to subscribe to."),
+    topic: str = typer.Option(
+        "detections/", "--topic",
+        help="Topic prefix to subscribe to: 'detections/' (per frame), 'events/' (tracked objects), "
+        "'detections/cam1' (one source), '' (everything).",
+    ),
     count: Optional[int] = typer.Option(None, "--count", min=1, help="Exit after this many messages."),
     timeout: Optional[float] = typer.Option(
         None, "--timeout", min=0.0, help="Exit non-zero when no message arrives within this many seconds."

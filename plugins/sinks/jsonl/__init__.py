@@ -1,7 +1,9 @@
 """The ``jsonl`` sink: detection messages appended to a file, one JSON document per line.
 
 Each line is :func:`edgepipe.messages.detection_message` (the same document ``zmq_pub``
-publishes), written whole and flushed after every batch, so a reader (``tail -f``, jq, a log
+publishes) or, with ``events: true``, also each event message the frame carries, after the
+frame's detection message (``detections: false`` records only the events); a reader tells them
+apart by their ``schema``. Lines are written whole and flushed after every batch, so a reader (``tail -f``, jq, a log
 shipper) never sees half a message. With ``max_bytes`` the file rotates by size like logrotate:
 ``path`` -> ``path.1`` -> ... -> ``path.<backups>``, the oldest deleted. When the disk is full
 (or the file becomes unwritable) the messages are dropped, counted as errors, and writing resumes
@@ -19,7 +21,7 @@ import tempfile
 import time
 from typing import IO, ClassVar, Dict, List, Optional, Tuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from edgepipe.messages import Frame, detection_message, dumps
 from edgepipe.stage import StageConfig, StageError
@@ -37,6 +39,18 @@ class JsonlConfig(StageConfig):
     backups: int = Field(
         3, ge=0, le=1000, description="Rotated files to keep (path.1 ... path.N); 0 truncates instead."
     )
+    detections: bool = Field(True, description="Record one detection message per frame.")
+    events: bool = Field(
+        False,
+        description="Also record the event messages frames carry (tracked objects, zones), each on "
+        "its own line after its frame's detection message.",
+    )
+
+    @model_validator(mode="after")
+    def _something(self) -> JsonlConfig:
+        if not (self.detections or self.events):
+            raise ValueError("detections: nothing to record: set detections or events (or both) to true")
+        return self
 
 
 class JsonlSink(DeliveringSink):
@@ -104,7 +118,13 @@ class JsonlSink(DeliveringSink):
         return {"detections file": os.path.abspath(self._path)}
 
     def process(self, frames: List[Frame]) -> None:
-        data = b"".join(dumps(detection_message(f)) + b"\n" for f in frames)
+        lines = []
+        for f in frames:
+            if self.config.detections:
+                lines.append(dumps(detection_message(f)) + b"\n")
+            if self.config.events:
+                lines.extend(dumps(e) + b"\n" for e in f.events)
+        data = b"".join(lines)
         try:
             self._write(data, frames)
         except OSError as exc:

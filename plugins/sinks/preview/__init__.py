@@ -4,7 +4,10 @@ An HTTP server on loopback (default http://127.0.0.1:8080/) runs in threads of t
 from ``start()`` to ``stop()``. It serves one self-contained page (``page.html``, no CDN), an
 MJPEG stream per source (``/stream/<source>``, ``/stream`` for the first source seen), and
 ``/api/latest``: the newest detection message of every source plus the stats the sink measures
-itself (fps, frame age and detections/s per source; per-stage latency from ``frame.timing``).
+itself (fps, frame age and detections/s per source; per-stage latency from ``frame.timing``),
+and with a tracker and a zones stage upstream the zones and lines with their live counts and the
+latest events. Pictures show track ids and short trails, zones and lines with their counts
+(:mod:`.overlay`).
 
 The pipeline side never waits for the HTTP side: ``process`` only copies the newest frame under a
 short lock (the picture only while someone watches that source, or once a second so a new viewer
@@ -31,11 +34,12 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from edgepipe.draw import PALETTE, annotate
+from edgepipe.draw import PALETTE, draw_detections, picture
 from edgepipe.messages import Frame, detection_message, replace
 from edgepipe.stage import StageConfig, StageContext, StageError
 
 from .._common import DeliveringSink
+from .overlay import TRAIL_POINTS, draw_overlay
 
 __all__ = ["PreviewConfig", "PreviewSink"]
 
@@ -43,6 +47,8 @@ PAGE = Path(__file__).with_name("page.html")
 BOUNDARY = "edgepipe-frame"
 # A picture of an unwatched source is refreshed this often, so a new viewer sees one at once.
 IDLE_REFRESH_S = 1.0
+RECENT_EVENTS = 12  # events per source shown on the page
+TRAIL_FORGET_FRAMES = 30  # a track not seen for this many frames of its source loses its trail
 _LOOPBACK = ("127.", "::1", "localhost")
 
 
@@ -103,6 +109,9 @@ class _SourceState:
         # (monotonic arrival, number of detections, frame age in seconds, stage timings)
         self.recent: Deque[Tuple[float, int, float, Dict[str, float]]] = collections.deque()
         self.window = window
+        self.events: Deque[Dict[str, Any]] = collections.deque(maxlen=RECENT_EVENTS)
+        self.trails: Dict[int, Deque[List[float]]] = {}  # track id -> recent box centres
+        self.trail_seen: Dict[int, int] = {}  # track id -> self.frames when last seen
 
     def prune(self, now: float) -> None:
         while self.recent and now - self.recent[0][0] > self.window:
@@ -131,14 +140,18 @@ class _Hub:
             st.frames += 1
             st.latest = replace(
                 frame, image=None, original=None, candidates=None, detections=dets,
-                timing=dict(frame.timing), meta=dict(frame.meta),
+                timing=dict(frame.timing), meta=dict(frame.meta), events=list(frame.events),
+                track_ids=None if frame.track_ids is None else list(frame.track_ids),
             )
+            st.events.extend(frame.events)
+            self._trails(st, dets, frame.track_ids)
             st.recent.append((now, len(dets), wall - frame.timestamp, st.latest.timing))
             st.prune(now)
             if st.watchers or now - st.picture_at >= IDLE_REFRESH_S:
                 has_picture = frame.original is not None or frame.image is not None
                 st.picture = replace(
                     st.latest,
+                    meta=dict(st.latest.meta, _trails={t: list(p) for t, p in st.trails.items()}),
                     original=None if frame.original is None else np.array(frame.original),
                     image=None if frame.original is not None or frame.image is None
                     else np.array(frame.image),
@@ -146,6 +159,21 @@ class _Hub:
                 st.picture_seq += 1
                 st.picture_at = now
                 self.cond.notify_all()
+
+    @staticmethod
+    def _trails(st: _SourceState, dets: np.ndarray, track_ids: Optional[List[Optional[int]]]) -> None:
+        if track_ids is None:
+            return
+        for det, tid in zip(dets.tolist(), track_ids):
+            if tid is None:
+                continue
+            trail = st.trails.get(tid)
+            if trail is None:
+                trail = st.trails[tid] = collections.deque(maxlen=TRAIL_POINTS)
+            trail.append([round((det[0] + det[2]) / 2, 1), round((det[1] + det[3]) / 2, 1)])
+            st.trail_seen[tid] = st.frames
+        for tid in [t for t, n in st.trail_seen.items() if st.frames - n > TRAIL_FORGET_FRAMES]:
+            del st.trails[tid], st.trail_seen[tid]
 
     # -- HTTP side -----------------------------------------------------------------------------
 
@@ -190,10 +218,13 @@ class _Hub:
             self.encoded += 1
             return jpeg, seq
 
-    def _encode(self, picture: Optional[Frame]) -> Optional[bytes]:
-        image = annotate(picture) if picture is not None else None
-        if image is None:
+    def _encode(self, frame: Optional[Frame]) -> Optional[bytes]:
+        found = picture(frame) if frame is not None else None
+        if found is None or frame is None:
             return None
+        image, dets = found
+        draw_detections(image, dets, frame.names)
+        draw_overlay(image, frame, frame.meta.get("_trails"))
         h, w = image.shape[:2]
         if self.config.max_width and w > self.config.max_width:
             size = (self.config.max_width, max(1, round(h * self.config.max_width / w)))
@@ -231,6 +262,8 @@ class _Hub:
                         "age_ms": round(1000 * sum(r[2] for r in st.recent) / n, 1) if n else None,
                         "watchers": st.watchers,
                         "message": detection_message(latest, wall) if latest is not None else None,
+                        "zones": (latest.meta.get("zones") if latest is not None else None) or None,
+                        "events": list(st.events),
                     }
                 )
         stages = [

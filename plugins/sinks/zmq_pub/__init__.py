@@ -1,9 +1,11 @@
 """The ``zmq_pub`` sink: publish detection messages on a ZeroMQ PUB socket.
 
 Each frame becomes one multipart message ``[b"detections/<source>", json]`` where the JSON is
-:func:`edgepipe.messages.detection_message` (schema ``edgepipe.detections/v1``, see ``edgepipe
-schema detections``). Subscribers filter by topic prefix: ``detections/`` for every source,
-``detections/cam1`` for one. With ``frames_fps`` set, annotated JPEG pictures (boxes, labels,
+:func:`edgepipe.messages.detection_message` (schema ``edgepipe.detections/v2``, see ``edgepipe
+schema detections``), followed by one ``[b"events/<source>", json]`` message per event the frame
+carries (tracked objects appearing, changing, entering zones, crossing lines, ending: schema
+``edgepipe.events/v1``, ``edgepipe schema events``). Subscribers filter by topic prefix:
+``detections/`` for every source, ``detections/cam1`` for one, ``events/`` for the events. With ``frames_fps`` set, annotated JPEG pictures (boxes, labels,
 confidences drawn by :mod:`edgepipe.draw`) also go out on ``frames/<source>``, at most that many
 per second per source, so a viewer can watch without the cost of sending every frame. PUB never
 blocks: a subscriber too slow to read loses messages (ZeroMQ's high-water mark) and sees the gap
@@ -43,6 +45,9 @@ class ZmqPubConfig(NetworkSecurity, StageConfig):
         "per second per source (null: detections only).",
     )
     jpeg_quality: int = Field(80, ge=10, le=100, description="JPEG quality of the annotated frames.")
+    events: bool = Field(
+        True, description="Publish the frames' event messages on 'events/<source>' (tracker and zones stages upstream)."
+    )
     hwm: int = Field(
         1000, ge=1, le=1000000, description="Messages queued per subscriber before PUB drops them for it."
     )
@@ -78,6 +83,9 @@ class ZmqPubSink(DeliveringSink):
         self._endpoint = ZmqEndpoint(zmq.PUB, self.config, SUBSCRIPTION_MAX_MESSAGE_SIZE, self.config.hwm, zmq.SNDHWM, self.metrics)
         self._socket = self._endpoint.socket
         self._next_picture: Dict[str, float] = {}
+        self.events_published = self.metrics.counter(
+            "edgepipe_sink_events_published_total", "Event messages (tracked objects, zones) a sink delivered."
+        )
         self.log.info("Publishing detections on %r", self._endpoint.address)
 
     def addresses(self) -> Dict[str, str]:
@@ -92,6 +100,11 @@ class ZmqPubSink(DeliveringSink):
             msg = detection_message(frame, published_at=now)
             self._socket.send_multipart([f"detections/{frame.source}".encode(), dumps(msg)], zmq.NOBLOCK)
             self.delivered(frame, now)
+            if self.config.events and frame.events:
+                topic = f"events/{frame.source}".encode()
+                for event in frame.events:
+                    self._socket.send_multipart([topic, dumps(event)], zmq.NOBLOCK)
+                self.events_published.inc(len(frame.events))
             if self.config.frames_fps is not None:
                 self._picture(frame)
 

@@ -5,22 +5,53 @@ benchmarks. The scenes come from :class:`edgepipe.scenes.SceneStream`: the same 
 same frames on every run. With ``fps`` it is a live source paced like a camera; with ``count`` it
 is finite, ends with :class:`EndOfStream` after that many frames, and its links block. With
 ``truth: true`` each frame carries its ground truth boxes in ``meta["truth"]`` as
-``[class_id, x1, y1, x2, y2]`` rows in frame pixels.
+``[class_id, x1, y1, x2, y2]`` rows in frame pixels, and the identity of the object of each row
+in ``meta["truth_ids"]`` (for measuring trackers). ``exits: true`` lets objects leave the frame
+(new ones come in); ``script`` replaces the random objects by straight scripted paths, so the
+crossings and zone entries of a scene are known in advance.
 """
 
 from __future__ import annotations
 
 import time
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edgepipe.messages import Frame
+from edgepipe.scenes import CLASSES
 from edgepipe.stage import EndOfStream, StageConfig
 
 from .._common import NumberedSource, Pacer
 
 __all__ = ["SyntheticConfig", "SyntheticSource"]
+
+
+class ScriptedObject(BaseModel):
+    """One scripted object: a straight path at constant speed, in frame pixels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    shape: Union[int, str] = Field(..., description=f"Class: one of {', '.join(CLASSES)} (or its index).")
+    size: float = Field(..., ge=4, le=8192, description="Longer side of its box, pixels.")
+    start: List[float] = Field(..., min_length=2, max_length=2, description="[x, y] of its centre on frame 'first'.")
+    end: List[float] = Field(..., min_length=2, max_length=2, description="[x, y] of its centre on frame 'first + frames'.")
+    first: int = Field(0, ge=0, description="Frame on which it appears.")
+    frames: int = Field(100, ge=1, description="Frames it takes from start to end (then it is gone).")
+    contrast: float = Field(90.0, ge=-200, le=200, description="Gray levels above (>0) or below (<0) the background.")
+
+    @field_validator("shape")
+    @classmethod
+    def _known_shape(cls, value: Union[int, str]) -> Union[int, str]:
+        if isinstance(value, int) and not 0 <= value < len(CLASSES):
+            raise ValueError(f"class index {value} is not 0..{len(CLASSES) - 1}")
+        if isinstance(value, str) and value not in CLASSES:
+            raise ValueError(f"unknown shape {value!r}; known: {', '.join(CLASSES)}")
+        return value
+
+    @property
+    def class_id(self) -> int:
+        return self.shape if isinstance(self.shape, int) else CLASSES.index(self.shape)
 
 
 class SyntheticConfig(StageConfig):
@@ -44,7 +75,21 @@ class SyntheticConfig(StageConfig):
         max_length=2,
         description="[min, max] object size in pixels (unset: the scene's default for the frame size).",
     )
-    truth: bool = Field(False, description="Attach ground truth boxes to each frame as meta['truth'].")
+    truth: bool = Field(
+        False,
+        description="Attach ground truth boxes to each frame as meta['truth'] and their objects' "
+        "identities as meta['truth_ids'].",
+    )
+    exits: bool = Field(
+        False,
+        description="Objects leave the frame instead of bouncing off its edges; new ones (new "
+        "identities) come in from the edges some frames later.",
+    )
+    script: Optional[List[ScriptedObject]] = Field(
+        None,
+        description="Scripted objects instead of 'objects' random ones: each moves in a straight "
+        "line (see the README), so a scene's line crossings and zone entries are known.",
+    )
 
     @model_validator(mode="after")
     def _endless_needs_pace(self) -> SyntheticConfig:
@@ -65,16 +110,30 @@ class SyntheticSource(NumberedSource):
     def live(self) -> bool:
         return self.config.count is None
 
+    def frame_size(self) -> Optional[Tuple[int, int]]:
+        """(width, height) of every frame, known from the config (stages downstream check pixel
+        coordinates against it at validation time)."""
+        return self.config.width, self.config.height
+
     def start(self) -> None:
-        from edgepipe.scenes import SceneStream
+        from edgepipe.scenes import SceneStream, ScriptedPath
 
         cfg = self.config
+        script = None
+        if cfg.script is not None:
+            script = [
+                ScriptedPath(class_id=o.class_id, size=o.size, start=(o.start[0], o.start[1]),
+                             end=(o.end[0], o.end[1]), first=o.first, frames=o.frames, contrast=o.contrast)
+                for o in cfg.script
+            ]
         self._scenes = SceneStream(
             cfg.width,
             cfg.height,
             seed=cfg.seed,
             objects=cfg.objects,
             size_range=(float(cfg.size_range[0]), float(cfg.size_range[1])) if cfg.size_range else None,
+            exits=cfg.exits,
+            script=script,
         )
         self._pacer = Pacer(cfg.fps)
 
@@ -89,5 +148,6 @@ class SyntheticSource(NumberedSource):
         image, truth = self._scenes.next()
         timestamp = time.time()
         if self.config.truth:
-            return self._emit(image, timestamp, truth=[[int(r[0])] + r[1:] for r in truth.tolist()])
+            rows = [[int(r[0])] + r[1:] for r in truth.tolist()]
+            return self._emit(image, timestamp, truth=rows, truth_ids=list(self._scenes.last_ids))
         return self._emit(image, timestamp)

@@ -1,0 +1,308 @@
+"""Multi-object tracking of one source's detections in the manner of ByteTrack.
+
+ByteTrack's idea (Zhang et al., "ByteTrack: Multi-Object Tracking by Associating Every Detection
+Box", ECCV 2022): keep the low-confidence detections instead of throwing them away, and use them
+in a second round to continue tracks whose object became hard to see (partly occluded, blurred)
+rather than letting those tracks die. Per frame:
+
+1. Every track's box is predicted to this frame by a constant-velocity Kalman filter
+   (:mod:`.kalman`), over the time that really passed (frame-id gaps count).
+2. High-confidence detections (``>= track_thresh``) are matched to confirmed tracks, lost ones
+   included, by IoU with an optimal assignment (``scipy.optimize.linear_sum_assignment``; a
+   pair needs ``1 - IoU <= match_thresh``).
+3. Low-confidence detections (``low_thresh`` up to ``track_thresh``) are matched to the
+   confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``).
+4. With ``class_aware``, steps 2 and 3 only pair a detection with a track of its class; then
+   the confirmed tracks still unmatched may take a detection of another class that overlaps
+   them well (``IoU >= 0.5``): detectors waver between similar classes on one object (a shape
+   half out of the frame, a partly hidden one), and a new id each time would be an identity
+   switch.
+5. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
+   left (``1 - IoU <= 0.7``); a tentative track that misses a frame is dropped.
+6. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
+   60% or more of their box lies on a detection taken in this frame or on a confirmed track
+   lost on this frame, one at most 2.5 times their size:
+   that is the same object seen twice (as two classes, or a part of it), not a new one, and a
+   new object coming out from behind a tracked one gets its track once it is mostly in view.
+7. A confirmed track unseen for longer than ``track_buffer`` ends.
+
+With ``class_aware`` (the default) a detection goes to a track of its class first, so two
+objects of different classes crossing each other keep their identities. A track's label is the
+class with the most confidence summed over its detections; when that changes, an ``update``
+says so.
+
+Ids are given when a track is confirmed, through the ``allocate`` callback (the stage persists
+the next id before any frame carrying it leaves, so a restarted tracker never reuses one).
+This module is pure computation: no I/O, no clock of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from .kalman import KalmanXYWH, xywh_to_xyxy, xyxy_to_xywh
+
+__all__ = ["ByteTracker", "Params", "Track", "ioa_matrix", "iou_matrix"]
+
+LOW_MATCH_THRESH = 0.5  # step 3: the low boxes must overlap well to continue a track
+CLASS_CHANGE_THRESH = 0.5  # step 4: another class continues a track only at IoU >= 0.5
+TENTATIVE_MATCH_THRESH = 0.7  # step 5: ByteTrack's value for unconfirmed tracks
+DUPLICATE_IOA = 0.6  # step 6: a detection lying this much on a tracked object is that object,
+DUPLICATE_AREA = 0.4  # unless it is less than this fraction of its size
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersection (n, m), area of a (n,), area of b (m,)) of x1 y1 x2 y2 boxes."""
+    a = np.asarray(a, np.float64).reshape(-1, 4)
+    b = np.asarray(b, np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
+    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    return inter, area_a, area_b
+
+
+def _area(boxes: np.ndarray) -> np.ndarray:
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box of ``a`` (n, 4) with every box of ``b`` (m, 4), x1 y1 x2 y2 -> (n, m)."""
+    inter, area_a, area_b = _overlap(a, b)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def ioa_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The fraction of each box of ``a`` that lies on each box of ``b`` -> (n, m)."""
+    inter, area_a, _ = _overlap(a, b)
+    return np.where(area_a[:, None] > 0, inter / np.maximum(area_a[:, None], 1e-12), 0.0)
+
+
+class Params:
+    """The tracker's thresholds (the stage's config, resolved)."""
+
+    def __init__(
+        self,
+        track_thresh: float = 0.5,
+        low_thresh: float = 0.1,
+        new_track_thresh: float = 0.6,
+        match_thresh: float = 0.8,
+        min_hits: int = 2,
+        class_aware: bool = True,
+        classes: Optional[List[int]] = None,
+    ) -> None:
+        self.track_thresh = track_thresh
+        self.low_thresh = low_thresh
+        self.new_track_thresh = new_track_thresh
+        self.match_thresh = match_thresh
+        self.min_hits = min_hits
+        self.class_aware = class_aware
+        self.classes = None if classes is None else set(classes)
+
+
+class Track:
+    """One tracked object. ``track_id`` is None while it is tentative."""
+
+    __slots__ = (
+        "best_confidence", "box", "class_id", "confidence", "cov", "first_seen", "hits",
+        "last_seen", "lost_for", "mean", "track_id", "votes",
+    )
+
+    def __init__(self, mean: np.ndarray, cov: np.ndarray, box: np.ndarray, confidence: float,
+                 class_id: int, timestamp: float) -> None:
+        self.mean = mean
+        self.cov = cov
+        self.track_id: Optional[int] = None
+        self.box = box  # (4,) x1 y1 x2 y2 of its latest detection
+        self.confidence: Optional[float] = confidence  # on the current frame, None when unmatched
+        self.best_confidence = confidence
+        self.class_id = class_id
+        self.votes: Dict[int, float] = {class_id: confidence}
+        self.hits = 1  # frames it was matched on, in a row while tentative
+        self.lost_for = 0.0  # frame periods since it was last matched
+        self.first_seen = timestamp
+        self.last_seen = timestamp
+
+    def predicted_box(self) -> np.ndarray:
+        return xywh_to_xyxy(self.mean[None])[0]
+
+
+Event = Tuple[str, Track, Dict[str, object]]
+
+
+class ByteTracker:
+    """The tracks of one source; :meth:`step` once per frame, in frame order."""
+
+    def __init__(self, params: Params, allocate: Callable[[], int]) -> None:
+        self.params = params
+        self.allocate = allocate
+        self.kalman = KalmanXYWH()
+        self.tracks: List[Track] = []
+        self.clock: Optional[float] = None  # time of the last step, in frame periods
+
+    def confirmed(self) -> List[Track]:
+        return [t for t in self.tracks if t.track_id is not None]
+
+    def step(
+        self,
+        detections: np.ndarray,
+        clock: float,
+        timestamp: float,
+        buffer_frames: float,
+    ) -> Tuple[List[Optional[int]], List[Event]]:
+        """Track the (n, 6) ``x1 y1 x2 y2 conf cls`` detections of one frame at time ``clock``
+        (frame periods); ``timestamp`` is its capture time, ``buffer_frames`` how many periods a
+        lost track survives. Returns the track id of each detection row (None: no confirmed
+        track) and the lifecycle events: ``("new", track, {})``, ``("update", track,
+        {"changed": ["label"]})``, ``("end", track, {"reason": "lost"})``."""
+        p = self.params
+        dt = 1.0 if self.clock is None else max(0.0, clock - self.clock)
+        self.clock = clock
+        events: List[Event] = []
+        dets = np.asarray(detections, np.float32).reshape(-1, 6)
+        ids: List[Optional[int]] = [None] * len(dets)
+
+        # 1. predict every track to now
+        if self.tracks:
+            means = np.stack([t.mean for t in self.tracks])
+            # A lost track keeps moving but stops growing or shrinking: extrapolating its size
+            # for seconds makes a box that no detection fits (ByteTrack does the same).
+            means[[t.lost_for > 0 for t in self.tracks], 6:8] = 0.0
+            means, covs = self.kalman.predict(means, np.stack([t.cov for t in self.tracks]), dt)
+            for t, m, c in zip(self.tracks, means, covs):
+                t.mean, t.cov, t.confidence = m, c, None
+
+        scores = dets[:, 4].astype(np.float64)
+        classes = dets[:, 5].astype(np.int64)
+        eligible = np.ones(len(dets), bool)
+        if p.classes is not None:
+            eligible = np.array([c in p.classes for c in classes.tolist()], bool)
+        high = np.flatnonzero(eligible & (scores >= p.track_thresh))
+        low = np.flatnonzero(eligible & (scores >= p.low_thresh) & (scores < p.track_thresh))
+
+        confirmed = [t for t in self.tracks if t.track_id is not None]
+        tentative = [t for t in self.tracks if t.track_id is None]
+        matched: List[Tuple[Track, int]] = []
+
+        # 2. high detections <-> confirmed tracks (lost ones too); 4. then across classes
+        pairs, left_tracks, left_high = self._associate(confirmed, dets, high, p.match_thresh, p.class_aware)
+        matched += pairs
+        if p.class_aware:
+            pairs, left_tracks, left_high = self._associate(left_tracks, dets, left_high, CLASS_CHANGE_THRESH, False)
+            matched += pairs
+        # 3. low detections <-> confirmed tracks seen on the previous frame; 4. then across classes
+        recent = [t for t in left_tracks if t.lost_for == 0.0]
+        pairs, recent, left_low = self._associate(recent, dets, low, LOW_MATCH_THRESH, p.class_aware)
+        matched += pairs
+        if p.class_aware:
+            pairs, _, _ = self._associate(recent, dets, left_low, CLASS_CHANGE_THRESH, False)
+            matched += pairs
+        # 5. tentative tracks <-> the high detections left
+        pairs, _, left_high = self._associate(tentative, dets, left_high, TENTATIVE_MATCH_THRESH, False)
+        matched += pairs
+
+        if matched:
+            tracks = [t for t, _ in matched]
+            rows = np.array([d for _, d in matched])
+            means, covs = self.kalman.update(
+                np.stack([t.mean for t in tracks]), np.stack([t.cov for t in tracks]),
+                xyxy_to_xywh(dets[rows, :4]))
+            for (t, d), m, c in zip(matched, means, covs):
+                t.mean, t.cov = m, c
+                self._seen(t, dets[d], timestamp, events)
+                if t.track_id is None and t.hits >= p.min_hits:
+                    self._confirm(t, events)
+                if t.track_id is not None:
+                    ids[d] = t.track_id
+
+        seen = {id(t) for t, _ in matched}
+        survivors: List[Track] = []
+        for t in self.tracks:
+            if id(t) in seen:
+                survivors.append(t)
+                continue
+            if t.track_id is None:
+                continue  # a tentative track that missed a frame is dropped (never published)
+            t.lost_for += dt
+            if t.lost_for > buffer_frames:
+                events.append(("end", t, {"reason": "lost"}))
+                continue
+            survivors.append(t)
+
+        # 6. new tentative tracks from the high detections nobody took (and nothing tracked covers)
+        fresh = [d for d in left_high.tolist() if scores[d] >= p.new_track_thresh]
+        if fresh:
+            # Tracks lost on this very frame still have a trustworthy predicted box; older ones
+            # have drifted too far to vouch for what is there.
+            known = [dets[d, :4] for _, d in matched] + [
+                t.predicted_box() for t in survivors if t.track_id is not None and 0 < t.lost_for <= dt]
+            if known:
+                boxes = dets[np.array(fresh), :4]
+                others = np.stack(known).astype(np.float64)
+                # ...and not much smaller: a small object in front of a big one is an object.
+                ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
+                same = (ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)
+                fresh = [d for d, dup in zip(fresh, same.any(axis=1).tolist()) if not dup]
+        if fresh:
+            rows = np.array(fresh)
+            means, covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
+            for d, m, c in zip(fresh, means, covs):
+                t = Track(m, c, dets[d, :4].astype(np.float64), float(scores[d]), int(classes[d]), timestamp)
+                if p.min_hits <= 1:
+                    self._confirm(t, events)
+                    ids[d] = t.track_id
+                survivors.append(t)
+        self.tracks = survivors
+        return ids, events
+
+    def end_all(self) -> List[Track]:
+        """Forget every track; the confirmed ones, which had been announced, are returned."""
+        done = self.confirmed()
+        self.tracks = []
+        return done
+
+    def _associate(
+        self, tracks: List[Track], dets: np.ndarray, rows: np.ndarray, thresh: float, same_class: bool
+    ) -> Tuple[List[Tuple[Track, int]], List[Track], np.ndarray]:
+        """Optimal IoU assignment of ``tracks`` to detection ``rows``: (pairs, tracks left,
+        rows left). A pair needs ``1 - IoU <= thresh`` (and the same class with ``same_class``)."""
+        rows = np.asarray(rows, np.int64)
+        if not tracks or not len(rows):
+            return [], list(tracks), rows
+        boxes = xywh_to_xyxy(np.stack([t.mean for t in tracks]))
+        cost = 1.0 - iou_matrix(boxes, dets[rows, :4])
+        if same_class:
+            track_cls = np.array([t.class_id for t in tracks])
+            cost[track_cls[:, None] != dets[rows, 5].astype(np.int64)[None, :]] = 2.0
+        ti, di = linear_sum_assignment(cost)
+        ok = cost[ti, di] <= thresh
+        pairs = [(tracks[i], int(rows[j])) for i, j in zip(ti[ok], di[ok])]
+        used_t, used_d = set(ti[ok].tolist()), set(di[ok].tolist())
+        left_t = [t for i, t in enumerate(tracks) if i not in used_t]
+        left_d = np.array([r for j, r in enumerate(rows.tolist()) if j not in used_d], np.int64)
+        return pairs, left_t, left_d
+
+    def _seen(self, t: Track, det: np.ndarray, timestamp: float, events: List[Event]) -> None:
+        conf, cls = float(det[4]), int(det[5])
+        t.hits += 1
+        t.lost_for = 0.0
+        t.box = det[:4].astype(np.float64)
+        t.confidence = conf
+        t.best_confidence = max(t.best_confidence, conf)
+        t.last_seen = timestamp
+        t.votes[cls] = t.votes.get(cls, 0.0) + conf
+        best = max(t.votes, key=lambda c: t.votes[c])
+        if best != t.class_id:
+            t.class_id = best
+            if t.track_id is not None:
+                events.append(("update", t, {"changed": ["label"]}))
+
+    def _confirm(self, t: Track, events: List[Event]) -> None:
+        t.track_id = self.allocate()
+        events.append(("new", t, {}))
