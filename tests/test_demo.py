@@ -117,7 +117,9 @@ def test_short_demo_run_publishes_shapes_serves_the_preview_and_ends_with_a_summ
 
         daemon.wait_until(latest_with_detections, timeout=30, message="the preview page shows no detections")
         # The zone and the line count live, as the zones stage's own series.
-        assert daemon.sample("edgepipe_zone_objects", stage="zones", source="scene", zone="dock") is not None
+        # (a heartbeat after the frames the preview shows: wait for it, do not race it)
+        daemon.wait_until(lambda: daemon.sample("edgepipe_zone_objects", stage="zones", source="scene", zone="dock")
+                          is not None, 30, "the zone's live count")
         for direction in ("westward", "eastward"):
             assert daemon.sample("edgepipe_zone_crossings_total", stage="zones", source="scene",
                                  line="middle", direction=direction) is not None

@@ -6,7 +6,6 @@ and ID switches from py-motmetrics, at 10 fps and with every other frame dropped
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import List, Optional
 
@@ -141,21 +140,6 @@ def test_track_buffer_in_seconds_follows_the_frame_rate():
         t.process([f])
         events += [(i, e["type"]) for e in f.events]
     assert events == [(1, "new"), (11, "end")]
-
-
-def readme_options(path: Path) -> List[str]:
-    return re.findall(r"^\| `([a-z_.]+)` \|", path.read_text(), re.M)
-
-
-@pytest.mark.parametrize("plugin, config", [("tracker", TrackerConfig), ("zones", None)])
-def test_readme_option_table_is_the_config(plugin, config):
-    if config is None:
-        from edgepipe_plugins.processors.zones import ZonesConfig as config
-    from edgepipe.stage import StageConfig
-
-    fields = [k for k in config.model_fields if k not in StageConfig.model_fields]
-    documented = [o for o in readme_options(REPO / "plugins" / "processors" / plugin / "README.md") if "." not in o]
-    assert documented == fields
 
 
 @pytest.mark.slow
