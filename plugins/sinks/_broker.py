@@ -488,6 +488,7 @@ class BrokerSink(DeliveringSink):
             return
         self.m_acked.labels(msg.kind).inc()
         self._delivered(msg)
+        self.update_gauges()
 
     def rejected(self, seq: int, why: str) -> None:
         """The broker refuses message ``seq`` for good (too large...): drop it, counted."""

@@ -22,6 +22,7 @@ JetStream's store), for outage tests. :func:`tls_files` makes a CA, a server cer
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import shutil
 import signal
@@ -129,7 +130,9 @@ class Mosquitto(_Server):
     ) -> None:
         super().__init__(workdir, port)
         _binary(MOSQUITTO, "mosquitto")
-        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
+        # Run as whoever runs the tests: Mosquitto started as root otherwise drops to its own user,
+        # which cannot read the test's files.
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", f"allow_anonymous {'false' if users else 'true'}",
                  "max_queued_messages 0", "max_inflight_messages 0", "log_dest stdout",
                  "log_type error", "log_type warning", "log_type notice", "log_type information"]
         if users:
@@ -199,6 +202,7 @@ class MqttReader:
 
         self.topic = topic
         self.messages: List[Tuple[str, bytes, bool]] = []
+        self.qos: Dict[str, int] = {}  # topic -> QoS of the last message received on it
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
         self.client = mqtt.Client(
@@ -221,6 +225,7 @@ class MqttReader:
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         with self._lock:
             self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.qos[msg.topic] = msg.qos
 
     def __enter__(self) -> MqttReader:
         self.client.connect("127.0.0.1", self.port, keepalive=10)
@@ -357,3 +362,100 @@ class Feeder:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class TcpProxy:
+    """A TCP forwarder on a free loopback port in front of a server, for faults a server cannot
+    make by itself: :meth:`hold_replies` stops passing what the server sends back (a link that
+    loses acknowledgements while requests still arrive), :meth:`release` passes it again (what
+    was held is discarded, as a lost link would), :meth:`cut` closes every connection."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.port = free_port()
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", self.port))
+        self._listener.listen(16)
+        self._holding = threading.Event()
+        self._stop = threading.Event()
+        self._conns: List[socket.socket] = []
+        self._lock = threading.Lock()
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+                self.connections += 1
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, reply: bool) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if reply and self._holding.is_set():
+                    continue
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def hold_replies(self) -> None:
+        self._holding.set()
+
+    def release(self) -> None:
+        self._holding.clear()
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self.cut()
+
+    def __enter__(self) -> TcpProxy:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def feed_config(name: str, feed_port: int, sinks: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """A pipeline of a ``zmq`` source named ``feed`` (frames from a :class:`Feeder`, sources and
+    frame ids kept, lossless 'block' links) into the given sinks (name -> settings)."""
+    import tempfile
+
+    stages: Dict[str, Any] = {
+        "feed": {"type": "zmq", "bind": f"tcp://127.0.0.1:{feed_port}", "carries": "detections",
+                 "live": False, "keep_source": True},
+    }
+    for sink, settings in sinks.items():
+        stages[sink] = {"inputs": ["feed"], **settings}
+    # Short ipc paths: a pytest tmp dir can be too deep for sun_path.
+    return {"name": name, "stages": stages, "runtime": {"dir": tempfile.mkdtemp(prefix="ep-", dir="/tmp")}}

@@ -25,7 +25,7 @@ import ssl
 import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgepipe.messages import Frame
 from edgepipe.stage import StageContext
@@ -98,7 +98,7 @@ class MqttConfig(BrokerSinkConfig):
         None, min_length=1, max_length=128, description="MQTT client id; default edgepipe-<pipeline>-<stage>."
     )
     username: Optional[str] = Field(None, min_length=1, description="User name for the broker.")
-    password: Optional[SecretStr] = Field(None, description="Password (use ${VAR} from an .env file).")
+    password: Optional[str] = Field(None, repr=False, description="Password (use ${VAR} from an .env file).")
     tls: Optional[TlsConfig] = Field(None, description="TLS settings (with an mqtts:// URL).")
     prefix: str = Field("edgepipe", description="Topic prefix: <prefix>/<pipeline>/<source>/detections|events.")
     qos: QosConfig = Field(default_factory=QosConfig, description="QoS per topic kind (0 or 1).")  # type: ignore[arg-type]
@@ -148,6 +148,7 @@ class MqttSink(BrokerSink):
         self.availability_topic = f"{config.prefix}/{self.pipeline}/availability" if config.availability else None
         self._wake_r = self._wake_w = -1
         self._woken = False
+        self.io_error = ""
         ha = config.homeassistant
         self._zones = ZoneOccupancy(ha.zones if ha is not None else [])
         self._seen: Set[str] = set(ha.sources) if ha is not None else set()
@@ -238,7 +239,7 @@ class MqttSink(BrokerSink):
         client.max_inflight_messages_set(cfg.window + 64)  # data plus availability/discovery
         client.max_queued_messages_set(0)
         if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password.get_secret_value() if cfg.password else None)
+            client.username_pw_set(cfg.username, cfg.password)
         if self.scheme == "mqtts":
             client.tls_set_context(cfg.tls.context() if cfg.tls is not None else ssl.create_default_context())
             client.tls_insecure_set(cfg.tls is not None and not cfg.tls.verify_hostname)
@@ -285,8 +286,8 @@ class MqttSink(BrokerSink):
                 if not self.stopping.is_set():
                     self.failing(f"{self.config.url} did not answer the connection request within {CONNECT_TIMEOUT:g} s")
                 return False
-            if not self._io(client, sock, min(left, 0.5)):
-                self.failing(f"{self.config.url} closed the connection before accepting it (a TLS or protocol mismatch?)")
+            if not self._io(client, sock, min(left, 0.5)) and not connack:
+                self.failing(f"{self.config.url} closed the connection before accepting it ({self.io_error})")
                 return False
         rc = connack[0]
         if rc.is_failure:
@@ -296,15 +297,16 @@ class MqttSink(BrokerSink):
         return True
 
     def _io(self, client: Any, sock: Any, timeout: float) -> bool:
-        """One round of socket I/O (and wake-ups); False when the connection is gone."""
+        """One round of socket I/O (and wake-ups); False when the connection is gone, with the
+        reason in ``self.io_error``."""
         import paho.mqtt.client as mqtt
 
-        ok = mqtt.MQTT_ERR_SUCCESS
         if getattr(sock, "pending", None) and sock.pending():
             timeout = 0.0  # TLS holds decrypted bytes select() does not see
         try:
-            r, w, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [], timeout)
-        except (OSError, ValueError):
+            r, _, _ = select.select([sock, self._wake_r], [sock] if client.want_write() else [], [], timeout)
+        except (OSError, ValueError) as exc:
+            self.io_error = str(exc)
             return False
         if self._wake_r in r:
             self._woken = False
@@ -313,11 +315,17 @@ class MqttSink(BrokerSink):
                     pass
             except BlockingIOError:
                 pass
-        if (sock in r or (getattr(sock, "pending", None) and sock.pending())) and client.loop_read() != ok:
-            return False
-        if client.want_write() and client.loop_write() != ok:
-            return False
-        return bool(client.loop_misc() == ok)
+        steps = []
+        if sock in r or (getattr(sock, "pending", None) and sock.pending()):
+            steps.append(("read", client.loop_read))
+        steps += [("write", lambda: client.loop_write() if client.want_write() else mqtt.MQTT_ERR_SUCCESS),
+                  ("keepalive", client.loop_misc)]
+        for step, call in steps:
+            rc = call()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self.io_error = f"{step}: {mqtt.error_string(rc)}"
+                return False
+        return True
 
     def _online(self, client: Any) -> None:
         """What every connection starts with: availability, Home Assistant discovery."""

@@ -31,7 +31,7 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from edgepipe.stage import ExistingFile, StageContext
 
@@ -65,8 +65,8 @@ class NatsConfig(BrokerSinkConfig):
         description="Servers to try in order: nats://host[:port] or tls://host[:port] (4222).",
     )
     user: Optional[str] = Field(None, min_length=1, description="User name.")
-    password: Optional[SecretStr] = Field(None, description="Password (use ${VAR} from an .env file).")
-    token: Optional[SecretStr] = Field(None, description="Authentication token (instead of user/password).")
+    password: Optional[str] = Field(None, repr=False, description="Password (use ${VAR} from an .env file).")
+    token: Optional[str] = Field(None, repr=False, description="Authentication token (instead of user/password).")
     creds: Optional[ExistingFile] = Field(None, description="NATS credentials file (JWT and NKey seed).")
     tls: Optional[TlsConfig] = Field(None, description="TLS settings (CA, client certificate).")
     subject_prefix: str = Field(
@@ -212,9 +212,9 @@ class NatsSink(BrokerSink):
         if cfg.user is not None:
             opts["user"] = cfg.user
             if cfg.password is not None:
-                opts["password"] = cfg.password.get_secret_value()
+                opts["password"] = cfg.password
         if cfg.token is not None:
-            opts["token"] = cfg.token.get_secret_value()
+            opts["token"] = cfg.token
         if cfg.creds is not None:
             opts["user_credentials"] = cfg.creds
         if cfg.tls is not None or any(u.startswith("tls://") for u in cfg.servers):
