@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
 import shutil
 import signal
 import socket
@@ -67,7 +68,8 @@ class _Server:
 
     name = "server"
 
-    def __init__(self, workdir: Path, port: Optional[int] = None) -> None:
+    def __init__(self, workdir: Path, port: Optional[int] = None, env: Optional[Dict[str, str]] = None) -> None:
+        self.env = None if env is None else dict(os.environ, **env)
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -81,7 +83,8 @@ class _Server:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+                self.command(), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                env=self.env,
             )
         wait_port(self.port, proc=self.proc, log=self.log)
         return self
@@ -168,18 +171,22 @@ class NatsServer(_Server):
 
     def __init__(
         self, workdir: Path, port: Optional[int] = None, jetstream: bool = True,
-        users: Optional[Dict[str, str]] = None, extra: str = "",
+        users: Optional[Dict[str, str]] = None, extra: str = "", env: Optional[Dict[str, str]] = None,
+        conf: Optional[Path] = None,
     ) -> None:
-        super().__init__(workdir, port)
+        super().__init__(workdir, port, env)
         _binary(NATS_SERVER, "nats-server")
         lines = [f"listen: 127.0.0.1:{self.port}", f'server_name: "test-{self.port}"']
         if jetstream:
-            lines.append(f'jetstream {{ store_dir: "{self.dir / "js"}", max_file_store: 2G, max_memory_store: 64M }}')
+            lines.append(f'jetstream {{ store_dir: "{self.dir / "js"}", max_file_store: 100G, max_memory_store: 64M }}')
         if users:
             entries = ", ".join(f'{{user: "{u}", password: "{p}"}}' for u, p in users.items())
             lines.append(f"authorization {{ users: [{entries}] }}")
         self.conf = self.dir / "nats.conf"
-        self.conf.write_text("\n".join(lines) + "\n" + extra)
+        if conf is not None:
+            self.conf = conf  # a config of its own (the deploy/ examples)
+        else:
+            self.conf.write_text("\n".join(lines) + "\n" + extra)
 
     def command(self) -> List[str]:
         return [NATS_SERVER, "-c", str(self.conf)]

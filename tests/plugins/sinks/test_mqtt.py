@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
+from edgepipe_plugins.sinks._broker import default_state_dir
 from helpers.brokers import Feeder, Mosquitto, MqttReader, event, feed_config, retained, tls_files
 from helpers.daemon import Daemon, Subscriber
 from helpers.net import free_port
-
-from edgepipe_plugins.sinks._broker import default_state_dir
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -99,7 +98,7 @@ def test_qos_per_topic_kind(live: Live):
     assert d.sample("edgepipe_sink_detections_total", stage="mq") == sum(1 + i % 3 for i in range(FRAMES))
     for stage in ("mq", "q0"):
         assert d.sample("edgepipe_broker_connected", stage=stage) == 1
-        d.wait_until(lambda: d.sample("edgepipe_broker_spool_messages", stage=stage) == 0, 10, "an empty spool")
+        d.wait_until(lambda s=stage: d.sample("edgepipe_broker_spool_messages", stage=s) == 0, 10, "an empty spool")
 
 
 def test_the_spool_lives_in_the_systemd_state_directory(live: Live):

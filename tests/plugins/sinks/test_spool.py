@@ -5,7 +5,6 @@ the directory lock, and memory that stays flat however much the spool holds."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,7 +14,6 @@ from pathlib import Path
 from typing import List
 
 import pytest
-
 from edgepipe_plugins.sinks._spool import HEADER, Spool, SpoolError
 
 
