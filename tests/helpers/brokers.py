@@ -375,9 +375,11 @@ class TcpProxy:
     """A TCP forwarder on a free loopback port in front of a server, for faults a server cannot
     make by itself: :meth:`hold_replies` stops passing what the server sends back (a link that
     loses acknowledgements while requests still arrive), :meth:`release` passes it again (what
-    was held is discarded, as a lost link would), :meth:`cut` closes every connection."""
+    was held is discarded, as a lost link would), :meth:`cut` closes every connection. Made with
+    ``accepting=False`` it closes every connection at once until :meth:`accept` (a server that
+    must not be reached before the test is ready for it)."""
 
-    def __init__(self, target_port: int) -> None:
+    def __init__(self, target_port: int, accepting: bool = True) -> None:
         self.target = target_port
         self.port = free_port()
         self._listener = socket.socket()
@@ -385,6 +387,9 @@ class TcpProxy:
         self._listener.bind(("127.0.0.1", self.port))
         self._listener.listen(16)
         self._holding = threading.Event()
+        self._accepting = threading.Event()
+        if accepting:
+            self._accepting.set()
         self._stop = threading.Event()
         self._conns: List[socket.socket] = []
         self._lock = threading.Lock()
@@ -397,6 +402,9 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if not self._accepting.is_set():
+                client.close()
+                continue
             try:
                 server = socket.create_connection(("127.0.0.1", self.target), timeout=5)
             except OSError:
@@ -424,6 +432,9 @@ class TcpProxy:
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def accept(self) -> None:
+        self._accepting.set()
 
     def hold_replies(self) -> None:
         self._holding.set()
