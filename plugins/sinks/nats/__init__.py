@@ -101,7 +101,7 @@ class NatsConfig(BrokerSinkConfig):
             try:
                 parse_url(url, SCHEMES)
             except ValueError as exc:
-                raise ValueError(f"servers[{i}]: {exc}") from None
+                raise ValueError(f"servers[{i}] {url!r}: {exc}") from None
         return value
 
     @field_validator("subject_prefix")

@@ -255,3 +255,38 @@ def test_the_pre_flight_names_the_missing_extra(stage: str, extra: str, module: 
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(f"pip install 'edgepipe[{extra}]'"), done.stdout
+
+
+BROKER_CORPUS = ["bad_mqtt_url", "mqtt_url_bad_port", "bad_nats_url", "missing_mqtt_tls_file", "missing_nats_tls_file",
+                 "mqtt_qos_2", "empty_mqtt_prefix", "empty_nats_subject_prefix", "mqtt_prefix_wildcard"]
+
+
+@pytest.mark.parametrize("stem", BROKER_CORPUS)
+def test_edgepipe_validate_refuses_bad_broker_settings(stem: str):
+    """The broker sinks' entries of the fault corpus, through the real CLI: one line naming the
+    path, a non-zero exit."""
+    path = REPO / "tests" / "faults" / "configs" / f"{stem}.yaml"
+    expect = next(line[len("# expect: "):] for line in path.read_text().splitlines() if line.startswith("# expect: "))
+    done = subprocess.run([sys.executable, "-m", "edgepipe", "validate", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], done.stderr
+
+
+@pytest.mark.parametrize("stage", ["mqtt", "nats"])
+def test_the_readme_documents_every_option(stage: str):
+    """Each option of the sink's Config (nested ones included) is named in its README's table."""
+    from edgepipe.registry import Registry
+    from edgepipe.stage import StageConfig
+
+    cls = Registry.discover().get(stage)
+    text = (REPO / "plugins" / "sinks" / stage / "README.md").read_text()
+    table = "\n".join(line for line in text.splitlines() if line.startswith("| `"))
+    for name, field in cls.Config.model_fields.items():
+        if name in StageConfig.model_fields:
+            continue
+        assert f"| `{name}` |" in table, f"{stage} README: no row for {name}"
+        model = field.annotation
+        nested = getattr(model, "__args__", (model,))[0]
+        for sub in getattr(nested, "model_fields", {}):
+            assert f"`{sub}`" in text, f"{stage} README: {name}.{sub} not described"
