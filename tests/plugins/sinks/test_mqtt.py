@@ -290,3 +290,14 @@ def test_the_readme_documents_every_option(stage: str):
         nested = getattr(model, "__args__", (model,))[0]
         for sub in getattr(nested, "model_fields", {}):
             assert f"`{sub}`" in text, f"{stage} README: {name}.{sub} not described"
+
+
+def test_the_dashboard_shows_every_broker_series():
+    """The Grafana dashboard has a panel for each series the broker sinks declare (their data is
+    checked against a live daemon with both sinks in tests/test_prometheus.py)."""
+    dash = json.loads((REPO / "deploy" / "grafana" / "edgepipe.json").read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p.get("targets", []))
+    for name in ("edgepipe_broker_messages_published_total", "edgepipe_broker_messages_acknowledged_total",
+                 "edgepipe_broker_spool_messages", "edgepipe_broker_spool_bytes", "edgepipe_broker_messages_dropped_total",
+                 "edgepipe_broker_connected", "edgepipe_broker_reconnects_total"):
+        assert name in exprs, name
