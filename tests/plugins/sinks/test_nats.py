@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -179,6 +183,28 @@ def configured(name: str, directory: Path, **replace: str) -> Path:
     return out
 
 
+def readme_consumer(url: str, count: int) -> List[str]:
+    """Run the Python consumer of deploy/README.md against ``url``; its first ``count`` lines."""
+    text = (REPO / "deploy" / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0].replace("nats://hub.example.net:4222", url)
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: List[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while len(lines) < count and time.monotonic() < deadline:
+            if not select.select([proc.stdout], [], [], 1.0)[0]:
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line.strip())
+    finally:
+        proc.kill()
+        proc.wait()
+    return lines
+
+
 def test_the_fleet_example_leaf_to_hub(tmp_path: Path):
     """The device runs deploy/nats/leaf.conf, the centre deploy/nats/hub.conf and the FLEET
     stream of deploy/nats/fleet-stream.json. edgepipe publishes into the device's server; the
@@ -221,6 +247,7 @@ def test_the_fleet_example_leaf_to_hub(tmp_path: Path):
 
             stored = d.wait_until(central, 90, "all 20 messages in the central FLEET stream")
             d.stop()
+            assert readme_consumer(hub_server.url, 20) == ["edgepipe.cam1.cam1.detections cam1"] * 20
         assert [m["data"]["frame_id"] for m in stored] == list(range(20))
         assert {m["subject"] for m in stored} == {"edgepipe.cam1.cam1.detections"}
     shutil.rmtree(config["runtime"]["dir"], ignore_errors=True)
