@@ -141,6 +141,7 @@ class Spool:
         self._synced_seq = 0  # every record below this one is on disk (or was never unacked)
         self._last_sync = 0.0
         self._dir_dirty = False  # a segment file was created since the last directory sync
+        self._to_sync: List[int] = []  # append handles of rolled segments not yet synced
         self._cursor_written = -1
         self._last_cursor = 0.0
         self._write_opened = 0.0
@@ -265,6 +266,9 @@ class Spool:
         with self._lock:
             self._sync(time.monotonic(), force=True)
             self._write_cursor(force=True)
+            for fd in self._to_sync:
+                os.close(fd)
+            self._to_sync = []
             for seg in self._segments:
                 seg.close()
             if self._wfd is not None:
@@ -332,7 +336,10 @@ class Spool:
         if last is not None and self._wfd is not None and (last.size == 0 or last.size + incoming <= self.segment_bytes):
             return last
         if self._wfd is not None:
-            os.close(self._wfd)
+            if self._synced_seq < self._next_seq:
+                self._to_sync.append(self._wfd)  # synced (then closed) by the next sync
+            else:
+                os.close(self._wfd)
             self._wfd = None
         path = os.path.join(self.directory, f"{self._next_seq:020d}{_SUFFIX}")
         self._wfd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
@@ -490,10 +497,14 @@ class Spool:
     def maintain(self, now: Optional[float] = None) -> None:
         """Call about once a second from the delivery side: syncs when due (see the module
         docstring), rewrites the cursor when it moved, and deletes the write segment once all
-        of it is acknowledged and it is older than ``idle_roll``."""
+        of it is acknowledged and it is older than ``idle_roll``. The fsync itself runs outside
+        the lock, so the producer's appends never wait for the disk."""
         now = time.monotonic() if now is None else now
         with self._lock:
-            self._sync(now)
+            plan = self._sync_plan(now)
+        if plan is not None:
+            self._run_sync(plan, now)
+        with self._lock:
             if now - self._last_cursor >= max(self.fsync_interval, 0.2):
                 self._write_cursor()
             if (
@@ -506,25 +517,53 @@ class Spool:
                 self._release_head()
                 self._write_cursor()
 
-    def _sync(self, now: float, force: bool = False) -> None:
+    def _sync_plan(self, now: float, force: bool = False) -> Optional[Tuple[List[int], bool, int]]:
+        """Under the lock: what a sync must cover now (file descriptors it then owns, whether the
+        directory changed, the seq below which everything will be on disk), or None."""
         if self._synced_seq >= self._next_seq:
-            return
+            return None
         if max(self._synced_seq, self._ack_seq) >= self._next_seq:
             self._synced_seq = self._next_seq  # everything since the last sync is acknowledged
-            return
+            for fd in self._to_sync:
+                os.close(fd)
+            self._to_sync = []
+            return None
         if not force and now - self._last_sync < self.fsync_interval:
-            return
+            return None
+        fds, self._to_sync = self._to_sync, []
         if self._wfd is not None:
-            os.fsync(self._wfd)
-        if self._dir_dirty:
-            dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-            self._dir_dirty = False
-        self._synced_seq = self._next_seq
-        self._last_sync = now
+            fds.append(os.dup(self._wfd))
+        directory, self._dir_dirty = self._dir_dirty, False
+        return fds, directory, self._next_seq
+
+    def _run_sync(self, plan: Tuple[List[int], bool, int], now: float) -> None:
+        fds, directory, target = plan
+        try:
+            for fd in fds:
+                os.fsync(fd)
+            if directory:
+                dfd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        with self._lock:
+            self._synced_seq = max(self._synced_seq, target)
+            self._last_sync = now
+
+    def _sync(self, now: float, force: bool = False) -> None:
+        """A sync while holding the lock (close, fsync_interval 0)."""
+        plan = self._sync_plan(now, force)
+        if plan is None:
+            return
+        self._lock.release()
+        try:
+            self._run_sync(plan, now)
+        finally:
+            self._lock.acquire()
 
     def _write_cursor(self, force: bool = False) -> None:
         if self._lock_fd is None or (self._ack_seq == self._cursor_written and not force):
