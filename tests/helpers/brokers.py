@@ -477,3 +477,18 @@ def feed_config(name: str, feed_port: int, sinks: Dict[str, Dict[str, Any]]) -> 
         stages[sink] = {"inputs": ["feed"], **settings}
     # Short ipc paths: a pytest tmp dir can be too deep for sun_path.
     return {"name": name, "stages": stages, "runtime": {"dir": tempfile.mkdtemp(prefix="ep-", dir="/tmp")}}
+
+
+def warm_up(feeder: Feeder, subscriber: Any, timeout: float = 30.0) -> int:
+    """Send frames of a source named ``warm`` until a ZeroMQ :class:`helpers.daemon.Subscriber`
+    sees one (a SUB socket that connected before the daemon bound its PUB misses the first
+    messages); how many were sent. Every sink of the pipeline gets them too."""
+    deadline = time.monotonic() + timeout
+    sent = 0
+    while not any(t == "detections/warm" for t, _ in subscriber.snapshot()):
+        if time.monotonic() > deadline:
+            raise AssertionError("the ZeroMQ subscriber never received the warm-up frames")
+        feeder.send("warm", sent, labels=())
+        sent += 1
+        time.sleep(0.1)
+    return sent
