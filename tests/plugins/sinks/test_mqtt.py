@@ -77,7 +77,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                     events = [event("cam1", f"cam1-{i}", 7, kind="new" if i == 0 else "update")]
                     sent += events
                     f.send("cam1", i, labels=(0, 1, 0)[: 1 + i % 3], events=events)
-                d.wait_until(lambda: acked(d, "mq", "events") == FRAMES and acked(d, "q0", "events") == FRAMES, 60, "acknowledgements")
+                d.wait_until(lambda: acked(d, "mq", "events") == FRAMES and acked(d, "q0", "events") == FRAMES
+                             and acked(d, "mq", "detections") == FRAMES + warm, 60, "acknowledgements")
             live = Live(d, broker, reader, sub, tmp / "state", sent)
             live.warm = warm  # type: ignore[attr-defined]
             yield live
