@@ -10,16 +10,17 @@ TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
 # Debian packages the test suite drives for real (RTSP server, GStreamer, Prometheus, Chromium,
-# libzmq for the C example, systemd-analyze).
+# libzmq for the C example, systemd-analyze, the MQTT and NATS brokers, openssl for test certificates).
 DEB_PACKAGES := prometheus gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
 	gstreamer1.0-plugins-ugly gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 gir1.2-gstreamer-1.0 \
-	python3-gi chromium chromium-driver libzmq3-dev pkg-config gcc systemd
+	python3-gi chromium chromium-driver libzmq3-dev pkg-config gcc systemd mosquitto nats-server openssl
 # One command per package that proves it is there (package name:command or path).
 DEB_CHECKS := prometheus:/usr/bin/prometheus gstreamer1.0-tools:/usr/bin/gst-launch-1.0 \
 	gir1.2-gst-rtsp-server-1.0:/usr/lib/x86_64-linux-gnu/girepository-1.0/GstRtspServer-1.0.typelib \
 	chromium:/usr/bin/chromium chromium-driver:/usr/bin/chromedriver libzmq3-dev:/usr/include/zmq.h \
 	systemd:/usr/bin/systemd-analyze gstreamer1.0-plugins-ugly:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstx264.so \
-	gstreamer1.0-rtsp:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstrtsp.so gcc:/usr/bin/gcc
+	gstreamer1.0-rtsp:/usr/lib/x86_64-linux-gnu/gstreamer-1.0/libgstrtsp.so gcc:/usr/bin/gcc \
+	mosquitto:/usr/sbin/mosquitto nats-server:/usr/sbin/nats-server openssl:/usr/bin/openssl
 
 .PHONY: help venv install deps test demo bench bench-smoke lint soak clean
 

@@ -15,6 +15,7 @@ variants measured alternately in the same run, and the load average is recorded 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 import time
@@ -26,6 +27,7 @@ from .common import Section, load_average, machine, mode_arguments, output
 
 SECTIONS = ("transport", "backends", "throughput", "batching", "latency", "overload", "memory",
             "model", "ops", "gpu", "tracking")
+OPTIONAL = ("brokers",)  # only with --only: they need Debian's mosquitto and nats-server
 
 
 def _key(text: str) -> str:
@@ -83,6 +85,7 @@ def _sections(mode: str) -> Dict[str, Callable[[], Any]]:
 
     smoke = mode == "smoke"
     return {
+        "brokers": lambda: importlib.import_module(".bench_brokers", __package__).run(smoke),
         "transport": lambda: bench_transport.run(smoke),
         "backends": lambda: bench_backends.run(smoke),
         "throughput": lambda: bench_pipeline.run(smoke),
@@ -104,7 +107,7 @@ def _tracking(smoke: bool) -> Section:
 def parse_only(text: str) -> List[str]:
     """The sections named in a comma-separated list (empty: all); ValueError naming unknown ones."""
     names = [s.strip() for s in text.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(SECTIONS))
+    unknown = sorted(set(names) - set(SECTIONS + OPTIONAL))
     if unknown:
         raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     return names or list(SECTIONS)
@@ -143,7 +146,7 @@ def table(doc: Dict[str, Any]) -> List[str]:
         "batching": bench_pipeline.table_batching,
         "gpu": bench_gpu.table,
     }
-    for name in SECTIONS:
+    for name in SECTIONS + OPTIONAL:
         if name not in s:
             continue
         lines.append("")
