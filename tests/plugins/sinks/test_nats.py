@@ -203,7 +203,7 @@ def readme_consumer(url: str, count: int) -> List[str]:
     proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: List[str] = []
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 150  # a hang bound: a message a timed-out fetch held comes back after ack_wait (30 s)
         assert proc.stdout is not None
         while len(lines) < count and time.monotonic() < deadline:
             if not select.select([proc.stdout], [], [], 1.0)[0]:
