@@ -78,19 +78,36 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def options_table(model: Any) -> str:
-    own = [(n, f) for n, f in model.model_fields.items() if n != "type" and n not in StageConfig.model_fields]
-    if not own:
-        return "This stage has no options of its own."
-    rows = ["| option | type | default | description |", "|---|---|---|---|"]
-    for name, field in own:
-        kind = _type(field.annotation)
-        bounds = _bounds(field)
+def _nested(annotation: Any) -> Any:
+    """The settings model inside a field's type (``SpoolConfig`` in ``Optional[SpoolConfig]``)."""
+    for t in (annotation, *typing.get_args(annotation)):
+        if isinstance(t, type) and hasattr(t, "model_fields"):
+            return t
+    return None
+
+
+def _rows(model: Any, prefix: str = "") -> List[str]:
+    rows = []
+    for name, field in model.model_fields.items():
+        if not prefix and (name == "type" or name in StageConfig.model_fields):
+            continue
+        kind, bounds = _type(field.annotation), _bounds(field)
+        nested = _nested(field.annotation)
+        default = "see below" if nested is not None and not field.is_required() and field.default is not None else _default(field)
         rows.append(
-            f"| `{name}` | {_cell(kind + (f' ({bounds})' if bounds else ''))} | {_cell(_default(field))} "
+            f"| `{prefix}{name}` | {_cell(kind + (f' ({bounds})' if bounds else ''))} | {_cell(default)} "
             f"| {_cell(field.description or '')} |"
         )
-    return "\n".join(rows)
+        if nested is not None:
+            rows += _rows(nested, f"{prefix}{name}.")
+    return rows
+
+
+def options_table(model: Any) -> str:
+    rows = _rows(model)
+    if not rows:
+        return "This stage has no options of its own."
+    return "\n".join(["| option | type | default | description |", "|---|---|---|---|", *rows])
 
 
 def series_table(series: Dict[str, Any]) -> str:

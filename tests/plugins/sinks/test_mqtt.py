@@ -302,7 +302,7 @@ def test_the_readme_documents_every_option(stage: str):
         model = field.annotation
         nested = getattr(model, "__args__", (model,))[0]
         for sub in getattr(nested, "model_fields", {}):
-            assert f"`{sub}`" in text, f"{stage} README: {name}.{sub} not described"
+            assert f"| `{name}.{sub}` |" in table, f"{stage} README: {name}.{sub} not described"
 
 
 def test_the_dashboard_shows_every_broker_series():
