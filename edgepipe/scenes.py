@@ -26,15 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-__all__ = [
-    "CLASSES",
-    "SceneStream",
-    "ScriptedPath",
-    "Shape",
-    "render_scene",
-    "render_shape",
-    "shape_polygon",
-]
+__all__ = ["CLASSES", "SceneStream", "ScriptedPath", "Shape", "render_scene", "render_shape", "shape_polygon"]
 
 CLASSES = ("circle", "square", "triangle", "cross")
 
@@ -546,22 +538,19 @@ class SceneStream:
             s = m.shape
             if m.path is not None:
                 continue  # placed from its path in next()
+            if self.exits and m.gone:
+                m.gone -= 1
+                if not m.gone:
+                    self._come_in(m)
+                continue
+            s.cx += m.vx
+            s.cy += m.vy
+            s.angle = (s.angle + m.spin) % (2 * math.pi)
             if self.exits:
-                if m.gone:
-                    m.gone -= 1
-                    if not m.gone:
-                        self._come_in(m)
-                    continue
-                s.cx += m.vx
-                s.cy += m.vy
-                s.angle = (s.angle + m.spin) % (2 * math.pi)
                 if self._outside(s):
                     m.gone = int(self._rng.integers(5, 40))  # out of the picture for a while
                 continue
             half = s.size / 2
-            s.cx += m.vx
-            s.cy += m.vy
-            s.angle = (s.angle + m.spin) % (2 * math.pi)
             if s.cx < half or s.cx > self.width - half:
                 m.vx = -m.vx
                 s.cx = float(np.clip(s.cx, half, self.width - half))
@@ -597,8 +586,7 @@ class SceneStream:
         kept: List[int] = []
         truth = _composite(canvas, shapes, polys, 0.4, kept)
         self.last_ids = [idents[i] for i in kept]
-        ox = int(self._rng.integers(0, 64))
-        oy = int(self._rng.integers(0, 64))
+        ox, oy = int(self._rng.integers(0, 64)), int(self._rng.integers(0, 64))
         canvas += self._noise[oy:oy + self.height, ox:ox + self.width]
         image = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
         self._step()
