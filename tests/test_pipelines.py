@@ -1,7 +1,10 @@
 """Whole daemons built from the first-party stages: the shipped synthetic config published to
 `edgepipe subscribe`, finite file/images sources delivering every frame exactly once, three
-sources batched into one detector with a SIGHUP threshold change applied in place, and two
-daemons chained over tcp. Small frames and yolov5n at 64-128 px keep them quick on a CPU."""
+sources batched into one detector with a SIGHUP threshold change applied in place, two daemons
+chained over tcp, and the preview page in a real headless Chromium showing what a daemon runs
+(known detections fed over the frame wire format, recorded by the video sink too, and the
+detector chain with every stage's stats). Small frames and yolov5n at 64-128 px keep them quick
+on a CPU."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List
@@ -17,8 +21,21 @@ from typing import Any, Dict, List
 import cv2
 import numpy as np
 import yaml
+from helpers.browser import Browser
 from helpers.daemon import Daemon, Subscriber, read_jsonl
 from helpers.net import free_port
+from helpers.pixels import edge_colour_ratio, read_video
+from helpers.preview import (
+    CAM_TRIANGLE,
+    cam_frame,
+    crop,
+    get_json,
+    moving_x,
+    stream_rects,
+    to_screen,
+)
+
+from edgepipe.draw import color
 
 REPO = Path(__file__).resolve().parents[1]
 DETECTOR = {"type": "yolov5", "weights": None, "cfg": "yolov5n", "device": "cpu", "threads": 1}
@@ -173,3 +190,124 @@ def test_two_daemons_chained_over_tcp(tmp_path: Path):
         for d in r["detections"]:
             x1, y1, x2, y2 = d["bbox"]
             assert 0 <= x1 <= x2 <= 160 and 0 <= y1 <= y2 <= 120  # mapped back to original pixels
+
+
+# --- the preview page (and a recording) in a running daemon -------------------------------------
+
+
+def test_preview_known_detections_through_a_daemon(tmp_path: Path) -> None:
+    """Frames with known detections pushed into `edgepipe run` over the frame wire format
+    (zmq source -> preview + video): the page in Chromium and the recorded file both show the
+    boxes where they are, and the file holds every frame once the daemon ends at end of stream."""
+    import zmq
+
+    from edgepipe.messages import encode, encode_eos
+
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = {
+        "name": "preview-wire",
+        "stages": {
+            "cam": {"type": "zmq", "bind": endpoint, "carries": "detections", "live": False,
+                    "stop_on_eos": True, "keep_source": True},
+            "view": {"type": "preview", "inputs": ["cam"], "port": 0, "max_fps": 5},
+            "rec": {"type": "video", "inputs": ["cam"], "path": str(tmp_path / "rec.avi"),
+                    "codec": "MJPG", "fps": 10},
+        },
+    }
+    n = 80
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    stop = threading.Event()
+    try:
+        with Daemon(config, tmp_path) as daemon:
+            daemon.wait_ready()
+            url = daemon.wait_for_line(r"Preview page at (http://\S+)").group(1)
+            push.connect(endpoint)
+
+            def produce() -> None:
+                for i in range(n):
+                    if stop.is_set():
+                        return
+                    push.send_multipart(encode(cam_frame(i)), copy=False)
+                    time.sleep(0.1)
+                push.send_multipart(encode_eos("cam"))
+
+            producer = threading.Thread(target=produce)
+            producer.start()
+            try:
+                with Browser() as b:
+                    b.open(url)
+                    b.wait_for("const i = document.querySelector('.stream img');"
+                               "return i && i.complete && i.naturalWidth > 0", what="the stream")
+                    rect = stream_rects(b)["cam"]
+                    first = b.screenshot()
+                    time.sleep(1.0)
+                    second = b.screenshot()
+                    cv2.imwrite(str(tmp_path / "wire.png"), second)
+                    diff = np.abs(crop(first, rect).astype(int) - crop(second, rect).astype(int))
+                    assert diff.max(axis=2).astype(bool).mean() > 0.005, "the stream did not change"
+                    tri = to_screen(CAM_TRIANGLE, rect)
+                    assert edge_colour_ratio(second, tri, color(2)) > 0.9, "triangle box missing"
+                    text = b.wait_for(
+                        "const t = document.getElementById('detections').innerText;"
+                        "return /circle/.test(t) && /triangle/.test(t) ? t : ''", what="labels")
+                    assert "0.91" in text and "0.77" in text
+            finally:
+                producer.join()
+            # End of stream: the daemon drains, finalizes the file and exits by itself.
+            assert daemon.wait(60) == 0, daemon.log
+            daemon.assert_no_leftovers()
+    finally:
+        stop.set()
+        push.close()
+        ctx.term()
+    images, _ = read_video(tmp_path / "rec.avi")
+    assert len(images) == n and images[0].shape == (240, 320, 3)
+    for i in (0, n // 2, n - 1):
+        x = moving_x(i)
+        assert edge_colour_ratio(images[i], [x, 30, x + 50, 80], color(0)) > 0.9, f"frame {i}"
+        assert edge_colour_ratio(images[i], CAM_TRIANGLE, color(2)) > 0.9, f"frame {i}"
+
+
+def test_preview_detector_chain_through_a_daemon(tmp_path: Path) -> None:
+    """synthetic -> letterbox -> yolov5n -> nms -> preview in `edgepipe run`: the page shows the
+    moving scene, every stage's stats and the detection messages of the running pipeline."""
+    config = {
+        "name": "preview-chain",
+        "stages": {
+            "scene": {"type": "synthetic", "width": 320, "height": 240, "fps": 8, "seed": 3},
+            "prep": {"type": "letterbox", "inputs": ["scene"], "imgsz": 128, "keep_original": True},
+            "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": "yolov5n",
+                         "device": "cpu", "threads": 1, "imgsz": 128},
+            "post": {"type": "nms", "inputs": ["detector"]},
+            "view": {"type": "preview", "inputs": ["post"], "port": 0, "max_fps": 5},
+        },
+    }
+    with Daemon(config, tmp_path) as daemon:
+        daemon.wait_ready()
+        url = daemon.wait_for_line(r"Preview page at (http://\S+)").group(1)
+        assert url.startswith("http://127.0.0.1:")
+        with Browser() as b:
+            b.open(url)
+            b.wait_for("const i = document.querySelector('.stream img');"
+                       "return i && i.complete && i.naturalWidth > 0", what="the scene stream")
+            rect = stream_rects(b)["scene"]
+            assert (rect["nw"], rect["nh"]) == (320, 240)  # the original, not the 128 px input
+            first = b.screenshot()
+            time.sleep(1.5)
+            second = b.screenshot()
+            diff = np.abs(crop(first, rect).astype(int) - crop(second, rect).astype(int))
+            assert diff.max(axis=2).astype(bool).mean() > 0.005, "the scene stream did not change"
+            stages = b.wait_for(
+                "const t = document.getElementById('stages').innerText;"
+                "return /prep/.test(t) && /detector/.test(t) && /post/.test(t) ? t : ''",
+                what="every stage in the stats table")
+            assert "scene" in b.run("return document.getElementById('detections').innerText")
+        doc = get_json(url + "api/latest")
+        (src,) = doc["sources"]
+        assert src["source"] == "scene" and 4 < src["fps"] < 10
+        assert src["message"]["width"] == 320 and src["message"]["frame_id"] > 10
+        detector = next(s for s in doc["stages"] if s["stage"] == "detector")
+        assert detector["mean_ms"] > 0 and "detector" in stages
+        assert daemon.stop() == 0

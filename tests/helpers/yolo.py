@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+import numpy as np
 import torch
 
 from edgepipe.yolo.model import Model
@@ -47,3 +48,8 @@ def detector_info(stage: Any) -> Dict[str, str]:
     series = stage.metrics.get("edgepipe_detector_info")
     (values,) = series.children  # one label set at a time
     return dict(zip(series.label_names, values))
+
+
+def gray_images(batch: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """(batch, h, w) uint8 noise from a fixed seed: a batch of gray frames as a detector gets them."""
+    return np.random.default_rng(seed).integers(0, 256, (batch, h, w), dtype=np.uint8)

@@ -1,8 +1,7 @@
-"""The ``gstreamer`` source on real GStreamer pipelines (``videotestsrc`` from Debian's packages).
-
-This machine's OpenCV wheel has no GStreamer, so these runs go through the gst-launch-1.0
-subprocess backend; a missing gst-launch-1.0 is a failure, not a skip.
-"""
+"""The ``gstreamer`` source driven directly (check/start/read/stop) on real GStreamer pipelines
+(``videotestsrc`` from Debian's packages). This machine's OpenCV wheel has no GStreamer, so these
+runs go through the gst-launch-1.0 subprocess backend; a missing gst-launch-1.0 is a failure, not
+a skip."""
 
 from __future__ import annotations
 

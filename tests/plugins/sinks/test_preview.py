@@ -1,18 +1,19 @@
-"""The `preview` sink in a real headless Chromium and over real HTTP: the page loads, the stream
-updates, boxes are drawn where the detections are (checked on screenshot pixels), the latest
-detections list names them; JPEG encoding is capped and happens only while someone watches; the
-pipeline side never waits for a viewer; stop() leaves no thread and no open port behind."""
+"""The ``preview`` sink driven directly (start/process/stop) in the test process, watched over real
+HTTP and in a real headless Chromium: the page loads, the stream updates, boxes are drawn where the
+detections are (checked on screenshot pixels), the latest detections list names them; JPEG
+encoding is capped and happens only while someone watches; the pipeline side never waits for a
+viewer; stop() leaves no thread and no open port behind; the pre-flight, defaults and sample.
+The preview inside a running daemon is in tests/test_pipelines.py."""
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Iterator, List, Tuple
 
 import cv2
 import numpy as np
@@ -20,36 +21,21 @@ import pytest
 import yaml
 from edgepipe_plugins.sinks.preview import PreviewConfig, PreviewSink
 from helpers.browser import Browser
-from helpers.net import free_port
-from helpers.pixels import colour_mask, edge_colour_ratio, read_video
+from helpers.frames import NAMES
+from helpers.pixels import colour_mask, edge_colour_ratio
+from helpers.preview import CAM_TRIANGLE, cam_frame, crop, get_json, stream_rects, to_screen
 
 from edgepipe.draw import color
 from edgepipe.messages import Frame
 from edgepipe.stage import StageContext, StageError
 
-NAMES = ["circle", "square", "triangle", "cross"]
 # "cam" carries its original 320x240 picture: a bright square moving right (detected as class 0,
 # red) and a fixed triangle (class 2, blue). "lb" carries only its letterboxed 320x320 picture
 # of a 640x480 source (ratio 0.5, 40 px bands), with a fixed square (class 1, green) whose box
 # is in original pixels and must be mapped onto the letterboxed picture.
-CAM_TRIANGLE = [200.0, 140.0, 290.0, 220.0]
 LB_SQUARE = [100.0, 120.0, 300.0, 360.0]  # original pixels
 LB_SQUARE_DRAWN = [50.0, 100.0, 150.0, 220.0]  # x * 0.5 + 0, y * 0.5 + 40
 FEED_FPS = 25.0
-
-
-def _moving_x(i: int) -> int:
-    return 10 + (i * 4) % 150
-
-
-def _cam_frame(i: int) -> Frame:
-    img = np.full((240, 320), 96, np.uint8)
-    x = _moving_x(i)
-    cv2.rectangle(img, (x, 30), (x + 50, 80), 230, -1)
-    dets = np.array([[x, 30, x + 50, 80, 0.91, 0], CAM_TRIANGLE + [0.77, 2]], np.float32)
-    timing = {"cam": 0.002, "letterbox": 0.001, "yolov5": 0.030, "nms": 0.001}
-    return Frame("cam", i, time.time(), image=img, original=img, detections=dets, names=NAMES,
-                 timing=timing)
 
 
 def _lb_frame(i: int) -> Frame:
@@ -74,7 +60,7 @@ class Feeder:
     def _run(self) -> None:
         i = 0
         while not self.stop.is_set():
-            frames = [(_cam_frame if s == "cam" else _lb_frame)(i) for s in self.sources]
+            frames = [(cam_frame if s == "cam" else _lb_frame)(i) for s in self.sources]
             t = time.perf_counter()
             self.sink.process(frames)
             self.calls.append(time.perf_counter() - t)
@@ -109,32 +95,6 @@ def feeder(sink: PreviewSink) -> Iterator[Feeder]:
         f.close()
 
 
-def _get_json(url: str) -> Dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.load(resp)
-
-
-def _rects(b: Browser) -> Dict[str, Dict[str, float]]:
-    """Viewport rectangle and natural size of each source's stream image."""
-    return b.run(
-        "const out = {};"
-        "for (const card of document.querySelectorAll('.stream')) {"
-        "  const img = card.querySelector('img'); const r = img.getBoundingClientRect();"
-        "  out[card.dataset.source] = {x: r.left, y: r.top, w: r.width, h: r.height,"
-        "    nw: img.naturalWidth, nh: img.naturalHeight};"
-        "} return out;"
-    )
-
-
-def _to_screen(box: List[float], r: Dict[str, float]) -> List[float]:
-    sx, sy = r["w"] / r["nw"], r["h"] / r["nh"]
-    return [r["x"] + box[0] * sx, r["y"] + box[1] * sy, r["x"] + box[2] * sx, r["y"] + box[3] * sy]
-
-
-def _crop(shot: np.ndarray, r: Dict[str, float]) -> np.ndarray:
-    return shot[int(r["y"]) : int(r["y"] + r["h"]), int(r["x"]) : int(r["x"] + r["w"])]
-
-
 def test_page_in_headless_chromium(sink: PreviewSink, feeder: Feeder, tmp_path: Path) -> None:
     with Browser(width=1280, height=1000) as b:
         b.open(sink.url)
@@ -148,7 +108,7 @@ def test_page_in_headless_chromium(sink: PreviewSink, feeder: Feeder, tmp_path: 
             "return document.querySelectorAll('#stages tbody tr').length >= 4",
             what="the stage table",
         )
-        rects = _rects(b)
+        rects = stream_rects(b)
         assert (rects["cam"]["nw"], rects["cam"]["nh"]) == (320, 240)
         assert (rects["lb"]["nw"], rects["lb"]["nh"]) == (320, 320)
         for r in rects.values():
@@ -159,22 +119,22 @@ def test_page_in_headless_chromium(sink: PreviewSink, feeder: Feeder, tmp_path: 
         cv2.imwrite(str(tmp_path / "preview.png"), second)
 
         # The stream updates: the moving square changed the stream area between screenshots.
-        diff = np.abs(_crop(first, rects["cam"]).astype(int) - _crop(second, rects["cam"]).astype(int))
+        diff = np.abs(crop(first, rects["cam"]).astype(int) - crop(second, rects["cam"]).astype(int))
         assert diff.max(axis=2).astype(bool).mean() > 0.005, "the cam stream did not change"
 
         # Boxes are drawn where the detections are, in their class colours, on the screenshot.
         for shot in (first, second):
-            tri = _to_screen(CAM_TRIANGLE, rects["cam"])
+            tri = to_screen(CAM_TRIANGLE, rects["cam"])
             assert edge_colour_ratio(shot, tri, color(2)) > 0.9, "cam: triangle box missing"
-            sq = _to_screen(LB_SQUARE_DRAWN, rects["lb"])
+            sq = to_screen(LB_SQUARE_DRAWN, rects["lb"])
             assert edge_colour_ratio(shot, sq, color(1)) > 0.9, "lb: square box not mapped"
             # The moving square's red box lies in its band (y 30..80 of the picture) only.
-            cam = _crop(shot, rects["cam"])
+            cam = crop(shot, rects["cam"])
             red = colour_mask(cam) & (np.abs(cam.astype(int) - color(0)).max(axis=2) < 80)
             rows = np.nonzero(red.any(axis=1))[0] / (rects["cam"]["h"] / 240)
             assert len(rows) and rows.min() >= 14 and rows.max() <= 84, "cam: red box misplaced"
         # Nothing coloured where no detection is (lower-left corner of the cam picture).
-        cam = _crop(second, rects["cam"])
+        cam = crop(second, rects["cam"])
         assert not colour_mask(cam[int(cam.shape[0] * 0.8) :, : int(cam.shape[1] * 0.3)]).any()
 
         # The latest detections list names every detection, with its confidence.
@@ -191,7 +151,7 @@ def test_page_in_headless_chromium(sink: PreviewSink, feeder: Feeder, tmp_path: 
 
 def test_api_latest_reports_detections_and_stats(sink: PreviewSink, feeder: Feeder) -> None:
     time.sleep(2.0)
-    doc = _get_json(sink.url + "api/latest")
+    doc = get_json(sink.url + "api/latest")
     by_source = {s["source"]: s for s in doc["sources"]}
     assert set(by_source) == {"cam", "lb"}
     cam = by_source["cam"]
@@ -321,124 +281,3 @@ def test_defaults_and_sample(repo: Path) -> None:
         PreviewConfig(max_fps=0)
     with pytest.raises(ValueError, match="port"):
         PreviewConfig(port=70000)
-
-
-def test_known_detections_through_a_daemon(tmp_path: Path) -> None:
-    """Frames with known detections pushed into `edgepipe run` over the frame wire format
-    (zmq source -> preview + video): the page in Chromium and the recorded file both show the
-    boxes where they are, and the file holds every frame once the daemon ends at end of stream."""
-    import zmq
-    from helpers.daemon import Daemon
-
-    from edgepipe.messages import encode, encode_eos
-
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    config = {
-        "name": "preview-wire",
-        "stages": {
-            "cam": {"type": "zmq", "bind": endpoint, "carries": "detections", "live": False,
-                    "stop_on_eos": True, "keep_source": True},
-            "view": {"type": "preview", "inputs": ["cam"], "port": 0, "max_fps": 5},
-            "rec": {"type": "video", "inputs": ["cam"], "path": str(tmp_path / "rec.avi"),
-                    "codec": "MJPG", "fps": 10},
-        },
-    }
-    n = 80
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 5000)
-    stop = threading.Event()
-    try:
-        with Daemon(config, tmp_path) as daemon:
-            daemon.wait_ready()
-            url = daemon.wait_for_line(r"Preview page at (http://\S+)").group(1)
-            push.connect(endpoint)
-
-            def produce() -> None:
-                for i in range(n):
-                    if stop.is_set():
-                        return
-                    push.send_multipart(encode(_cam_frame(i)), copy=False)
-                    time.sleep(0.1)
-                push.send_multipart(encode_eos("cam"))
-
-            producer = threading.Thread(target=produce)
-            producer.start()
-            try:
-                with Browser() as b:
-                    b.open(url)
-                    b.wait_for("const i = document.querySelector('.stream img');"
-                               "return i && i.complete && i.naturalWidth > 0", what="the stream")
-                    rect = _rects(b)["cam"]
-                    first = b.screenshot()
-                    time.sleep(1.0)
-                    second = b.screenshot()
-                    cv2.imwrite(str(tmp_path / "wire.png"), second)
-                    diff = np.abs(_crop(first, rect).astype(int) - _crop(second, rect).astype(int))
-                    assert diff.max(axis=2).astype(bool).mean() > 0.005, "the stream did not change"
-                    tri = _to_screen(CAM_TRIANGLE, rect)
-                    assert edge_colour_ratio(second, tri, color(2)) > 0.9, "triangle box missing"
-                    text = b.wait_for(
-                        "const t = document.getElementById('detections').innerText;"
-                        "return /circle/.test(t) && /triangle/.test(t) ? t : ''", what="labels")
-                    assert "0.91" in text and "0.77" in text
-            finally:
-                producer.join()
-            # End of stream: the daemon drains, finalizes the file and exits by itself.
-            assert daemon.wait(60) == 0, daemon.log
-            daemon.assert_no_leftovers()
-    finally:
-        stop.set()
-        push.close()
-        ctx.term()
-    images, _ = read_video(tmp_path / "rec.avi")
-    assert len(images) == n and images[0].shape == (240, 320, 3)
-    for i in (0, n // 2, n - 1):
-        x = _moving_x(i)
-        assert edge_colour_ratio(images[i], [x, 30, x + 50, 80], color(0)) > 0.9, f"frame {i}"
-        assert edge_colour_ratio(images[i], CAM_TRIANGLE, color(2)) > 0.9, f"frame {i}"
-
-
-def test_detector_chain_through_a_daemon(tmp_path: Path) -> None:
-    """synthetic -> letterbox -> yolov5n -> nms -> preview in `edgepipe run`: the page shows the
-    moving scene, every stage's stats and the detection messages of the running pipeline."""
-    from helpers.daemon import Daemon
-
-    config = {
-        "name": "preview-chain",
-        "stages": {
-            "scene": {"type": "synthetic", "width": 320, "height": 240, "fps": 8, "seed": 3},
-            "prep": {"type": "letterbox", "inputs": ["scene"], "imgsz": 128, "keep_original": True},
-            "detector": {"type": "yolov5", "inputs": ["prep"], "weights": None, "cfg": "yolov5n",
-                         "device": "cpu", "threads": 1, "imgsz": 128},
-            "post": {"type": "nms", "inputs": ["detector"]},
-            "view": {"type": "preview", "inputs": ["post"], "port": 0, "max_fps": 5},
-        },
-    }
-    with Daemon(config, tmp_path) as daemon:
-        daemon.wait_ready()
-        url = daemon.wait_for_line(r"Preview page at (http://\S+)").group(1)
-        assert url.startswith("http://127.0.0.1:")
-        with Browser() as b:
-            b.open(url)
-            b.wait_for("const i = document.querySelector('.stream img');"
-                       "return i && i.complete && i.naturalWidth > 0", what="the scene stream")
-            rect = _rects(b)["scene"]
-            assert (rect["nw"], rect["nh"]) == (320, 240)  # the original, not the 128 px input
-            first = b.screenshot()
-            time.sleep(1.5)
-            second = b.screenshot()
-            diff = np.abs(_crop(first, rect).astype(int) - _crop(second, rect).astype(int))
-            assert diff.max(axis=2).astype(bool).mean() > 0.005, "the scene stream did not change"
-            stages = b.wait_for(
-                "const t = document.getElementById('stages').innerText;"
-                "return /prep/.test(t) && /detector/.test(t) && /post/.test(t) ? t : ''",
-                what="every stage in the stats table")
-            assert "scene" in b.run("return document.getElementById('detections').innerText")
-        doc = _get_json(url + "api/latest")
-        (src,) = doc["sources"]
-        assert src["source"] == "scene" and 4 < src["fps"] < 10
-        assert src["message"]["width"] == 320 and src["message"]["frame_id"] > 10
-        detector = next(s for s in doc["stages"] if s["stage"] == "detector")
-        assert detector["mean_ms"] > 0 and "detector" in stages
-        assert daemon.stop() == 0

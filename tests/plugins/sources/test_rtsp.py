@@ -1,5 +1,6 @@
-"""The ``rtsp`` source against a real RTSP server process (gst-rtsp-server through python3-gi),
-including a server restart that the source survives by reconnecting with backoff."""
+"""The ``rtsp`` source driven directly (start/read/stop) against a real RTSP server process
+(gst-rtsp-server through python3-gi), including a server restart that the source survives by
+reconnecting with backoff."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The `video` sink writes a playable, annotated file: read back with OpenCV, the frame count,
-size and rate are right and each detection's box is drawn in its class colour where it was."""
+"""The `video` sink, driven directly (start/process/stop), writes a playable, annotated file: read
+back with OpenCV, the frame count, size and rate are right and each detection's box is drawn in
+its class colour where it was; a real headless Chromium plays what it records (WebM by default,
+and what a worker killed mid-recording left behind)."""
 
 from __future__ import annotations
 
