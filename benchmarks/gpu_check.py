@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 PARTS = ("cuda_tests", "graphs", "stage", "sources8", "stream1280")
-CUDA_TEST_FILES = ["tests/test_detector.py", "tests/test_plugins_processors.py", "tests/test_bench.py"]
+CUDA_TEST_FILES = ["tests/test_detector.py", "tests/plugins/processors/test_yolov5.py", "tests/test_bench.py"]
 
 
 def _environment() -> Dict[str, Any]:

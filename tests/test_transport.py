@@ -141,7 +141,7 @@ def test_latest_producer_drops_when_the_link_is_full(ctx):
     m = StageMetrics("cam", "source")
     t0 = time.monotonic()
     ok = [out.send_frame(encode(frame("cam", i)), lambda: None, never, m) for i in range(20)]
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 10.0  # a producer that waited would never return here
     assert sum(ok) == HWM["latest"]
     assert m.dropped.labels("queue_full").value == 20 - HWM["latest"]
     out.close(0)

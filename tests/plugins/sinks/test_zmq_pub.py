@@ -108,7 +108,7 @@ def test_zmq_pub_delivers_its_last_messages_when_it_stops(sub_ctx: zmq.Context):
         took = time.monotonic() - t0
     reader.join()
     assert [json.loads(body)["frame_id"] for body in got] == list(range(40))
-    assert took < 1.5  # bounded by the linger
+    assert took < 10  # bounded by the linger (1 s), not by the subscriber that stopped reading
 
 
 def test_zmq_pub_annotated_frames_at_a_capped_rate(sub_ctx: zmq.Context):
@@ -121,11 +121,15 @@ def test_zmq_pub_annotated_frames_at_a_capped_rate(sub_ctx: zmq.Context):
         sub.connect(sink._endpoint.address)
         time.sleep(0.3)  # let the subscription reach the publisher
         t0 = time.monotonic()
-        for k in range(10):  # 10 frames within ~0.1 s: at 2 fps only the first gets a picture
+        for k in range(10):  # 10 frames in a burst: at 2 fps the first gets a picture
             sink.process([det_frame("cam1", k, with_picture=True)])
-        assert time.monotonic() - t0 < 0.45
+        took = time.monotonic() - t0  # on a busy machine the burst may span several 0.5 s periods
         topic, jpeg = receive(sub)
-        assert not sub.poll(200), "more than one picture within the 0.5 s cap"
+        more = 0
+        while sub.poll(200):
+            sub.recv_multipart()
+            more += 1
+        assert more <= int(took / 0.5), f"{1 + more} pictures for a burst of {took:.2f} s at 2 fps"
         time.sleep(0.5)
         sink.process([det_frame("cam1", 10, with_picture=True)])
         receive(sub)

@@ -55,4 +55,4 @@ def test_zmq_push_drops_after_send_timeout_without_a_receiver(tmp_path: Path):
     # hwm 1: the first frame waits in the socket's queue; the other two time out and are dropped.
     assert sink.metrics.dropped.labels("queue_full").value == 2
     assert sink.published.value == 1
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10  # two 0.2 s timeouts, not a wait for a receiver
