@@ -304,7 +304,8 @@ class TrackerStage(Processor):
     def _track(self, frame: Frame) -> None:
         src = self._source(frame.source)
         clock = self._advance(src, frame)
-        ids, lifecycle = src.tracker.step(frame.detections, clock, frame.timestamp, self._buffer_frames(src))
+        ids, lifecycle = src.tracker.step(frame.detections, clock, frame.timestamp, self._buffer_frames(src),
+                                         (frame.width, frame.height) if frame.width and frame.height else None)
         frame.track_ids = ids
         names = src.names = frame.names or []
         events = list(frame.events)

@@ -10,6 +10,14 @@ rather than letting those tracks die. Per frame:
 2. High-confidence detections (``>= track_thresh``) are matched to confirmed tracks, lost ones
    included, by IoU with an optimal assignment (``scipy.optimize.linear_sum_assignment``; a
    pair needs ``1 - IoU <= match_thresh``).
+   2b. Confirmed tracks lost on earlier frames and still unmatched take the high detections
+   left by the squared Mahalanobis distance of the box from their prediction, under the
+   Kalman filter's own uncertainty, which grows the longer a track is lost (optimal
+   assignment, gated at the chi-square 95% quantile for 4 degrees of freedom, as DeepSORT
+   gates; same class with ``class_aware``): an object that comes out from behind another a
+   little off its predicted path no longer overlaps the prediction, the more so the smaller it
+   is. Not for a track predicted mostly outside the frame (it left; whatever comes in there is
+   another object), nor for a detection that duplicates one matched on this frame.
 3. Low-confidence detections (``low_thresh`` up to ``track_thresh``) are matched to the
    confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``).
 4. With ``class_aware``, steps 2 and 3 only pair a detection with a track of its class; then
@@ -52,6 +60,11 @@ CLASS_CHANGE_THRESH = 0.5  # step 4: another class continues a track only at IoU
 TENTATIVE_MATCH_THRESH = 0.7  # step 5: ByteTrack's value for unconfirmed tracks
 DUPLICATE_IOA = 0.6  # step 6: a detection lying this much on a tracked object is that object,
 DUPLICATE_AREA = 0.4  # unless it is less than this fraction of its size
+# step 2b: a lost track takes a high detection whose box lies in the 95% region of the box its
+# Kalman filter predicts (squared Mahalanobis distance below the chi-square quantile for 4 degrees
+# of freedom, the gate DeepSORT uses); the region grows the longer the track is lost
+RECOVER_GATE = 9.4877
+RECOVER_INSIDE = 0.5  # ...unless less than this fraction of its predicted box is in the frame
 
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,6 +82,14 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.n
 def _area(boxes: np.ndarray) -> np.ndarray:
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     return np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+
+
+def _duplicates(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """(n,) bool: which ``boxes`` lie for DUPLICATE_IOA or more on one of ``others`` of at most
+    1 / DUPLICATE_AREA their size (the same object seen twice, as two classes or a part of it;
+    a small object in front of a big one is an object)."""
+    ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
+    return ((ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)).any(axis=1)
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -155,12 +176,15 @@ class ByteTracker:
         clock: float,
         timestamp: float,
         buffer_frames: float,
+        frame_size: Optional[Tuple[int, int]] = None,
     ) -> Tuple[List[Optional[int]], List[Event]]:
         """Track the (n, 6) ``x1 y1 x2 y2 conf cls`` detections of one frame at time ``clock``
         (frame periods); ``timestamp`` is its capture time, ``buffer_frames`` how many periods a
-        lost track survives. Returns the track id of each detection row (None: no confirmed
-        track) and the lifecycle events: ``("new", track, {})``, ``("update", track,
-        {"changed": ["label"]})``, ``("end", track, {"reason": "lost"})``."""
+        lost track survives, ``frame_size`` the frame's (width, height) when known (a lost
+        track predicted mostly outside it is not looked for, step 2b). Returns the track id of
+        each detection row (None: no confirmed track) and the lifecycle events: ``("new",
+        track, {})``, ``("update", track, {"changed": ["label"]})``, ``("end", track,
+        {"reason": "lost"})``."""
         p = self.params
         dt = 1.0 if self.clock is None else max(0.0, clock - self.clock)
         self.clock = clock
@@ -196,6 +220,10 @@ class ByteTracker:
         if p.class_aware:
             pairs, left_tracks, left_high = self._associate(left_tracks, dets, left_high, CLASS_CHANGE_THRESH, False)
             matched += pairs
+        # 2b. lost tracks <-> the high detections left, by distance from the prediction
+        pairs, left_tracks, left_high = self._recover(
+            left_tracks, dets, left_high, p.class_aware, [d for _, d in matched], frame_size)
+        matched += pairs
         # 3. low detections <-> confirmed tracks seen on the previous frame; 4. then across classes
         recent = [t for t in left_tracks if t.lost_for == 0.0]
         pairs, recent, left_low = self._associate(recent, dets, low, LOW_MATCH_THRESH, p.class_aware)
@@ -243,12 +271,8 @@ class ByteTracker:
             known = [dets[d, :4] for _, d in matched] + [
                 t.predicted_box() for t in survivors if t.track_id is not None and 0 < t.lost_for <= dt]
             if known:
-                boxes = dets[np.array(fresh), :4]
-                others = np.stack(known).astype(np.float64)
-                # ...and not much smaller: a small object in front of a big one is an object.
-                ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
-                same = (ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)
-                fresh = [d for d, dup in zip(fresh, same.any(axis=1).tolist()) if not dup]
+                same = _duplicates(dets[np.array(fresh), :4], np.stack(known))
+                fresh = [d for d, dup in zip(fresh, same.tolist()) if not dup]
         if fresh:
             rows = np.array(fresh)
             means, covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
@@ -286,6 +310,45 @@ class ByteTracker:
         used_t, used_d = set(ti[ok].tolist()), set(di[ok].tolist())
         left_t = [t for i, t in enumerate(tracks) if i not in used_t]
         left_d = np.array([r for j, r in enumerate(rows.tolist()) if j not in used_d], np.int64)
+        return pairs, left_t, left_d
+
+    def _recover(
+        self, tracks: List[Track], dets: np.ndarray, rows: np.ndarray, same_class: bool, taken: List[int],
+        frame_size: Optional[Tuple[int, int]],
+    ) -> Tuple[List[Tuple[Track, int]], List[Track], np.ndarray]:
+        """Step 2b: the lost ones among ``tracks`` <-> detection ``rows`` by the squared
+        Mahalanobis distance of the box from the track's prediction (optimal assignment, gated
+        at RECOVER_GATE): (pairs, tracks left, rows left). IoU with the prediction (step 2) misses
+        an object that comes out of hiding a little off its predicted path, the more so the
+        smaller it is; the filter's own uncertainty, which grows while the track is lost, says
+        how far off is still the same object. Left out: tracks predicted mostly outside the
+        frame (they left it; an object coming in there is another one) and detections that
+        duplicate one already matched on this frame (rows ``taken``: the same object seen twice)."""
+        rows = np.asarray(rows, np.int64)
+        lost = [t for t in tracks if t.lost_for > 0]
+        if lost and frame_size is not None:
+            w, h = frame_size
+            boxes = xywh_to_xyxy(np.stack([t.mean for t in lost]))
+            inside = _area(np.clip(boxes, 0, [w, h, w, h])) / np.maximum(_area(boxes), 1e-12)
+            lost = [t for t, f in zip(lost, inside.tolist()) if f >= RECOVER_INSIDE]
+        candidates = rows
+        if lost and len(rows) and taken:
+            candidates = rows[~_duplicates(dets[rows, :4], dets[np.array(taken), :4])]
+        if not lost or not len(candidates):
+            return [], list(tracks), rows
+        cost = self.kalman.gating_distance(
+            np.stack([t.mean for t in lost]), np.stack([t.cov for t in lost]), xyxy_to_xywh(dets[candidates, :4]))
+        if same_class:
+            track_cls = np.array([t.class_id for t in lost])
+            cost[track_cls[:, None] != dets[candidates, 5].astype(np.int64)[None, :]] = np.inf
+        cost = np.where(cost <= RECOVER_GATE, cost, 1e6)  # finite: the solver needs a full assignment
+        ti, di = linear_sum_assignment(cost)
+        ok = cost[ti, di] <= RECOVER_GATE
+        pairs = [(lost[i], int(candidates[j])) for i, j in zip(ti[ok], di[ok])]
+        found = {id(t) for t, _ in pairs}
+        used = {d for _, d in pairs}
+        left_t = [t for t in tracks if id(t) not in found]
+        left_d = np.array([r for r in rows.tolist() if r not in used], np.int64)
         return pairs, left_t, left_d
 
     def _seen(self, t: Track, det: np.ndarray, timestamp: float, events: List[Event]) -> None:
