@@ -129,17 +129,15 @@ class Params:
 
 
 class Track:
-    """One tracked object. ``track_id`` is None while it is tentative."""
+    """One tracked object. ``track_id`` is None while it is tentative. Its Kalman state is a
+    row of the tracker's ``means`` and ``covs``."""
 
     __slots__ = (
-        "best_confidence", "box", "class_id", "confidence", "cov", "first_seen", "hits",
-        "last_seen", "lost_for", "mean", "track_id", "votes",
+        "best_confidence", "box", "class_id", "confidence", "first_seen", "hits",
+        "last_seen", "lost_for", "track_id", "votes",
     )
 
-    def __init__(self, mean: np.ndarray, cov: np.ndarray, box: np.ndarray, confidence: float,
-                 class_id: int, timestamp: float) -> None:
-        self.mean = mean
-        self.cov = cov
+    def __init__(self, box: np.ndarray, confidence: float, class_id: int, timestamp: float) -> None:
         self.track_id: Optional[int] = None
         self.box = box  # (4,) x1 y1 x2 y2 of its latest detection
         self.confidence: Optional[float] = confidence  # on the current frame, None when unmatched
@@ -150,9 +148,6 @@ class Track:
         self.lost_for = 0.0  # frame periods since it was last matched
         self.first_seen = timestamp
         self.last_seen = timestamp
-
-    def predicted_box(self) -> np.ndarray:
-        return xywh_to_xyxy(self.mean[None])[0]
 
 
 Event = Tuple[str, Track, Dict[str, object]]
@@ -203,6 +198,9 @@ class ByteTracker:
         self.allocate = allocate
         self.kalman = KalmanXYWH()
         self.tracks: List[Track] = []
+        # The tracks' Kalman states, row k for tracks[k] (the filter works on all at once)
+        self.means = np.zeros((0, 8))
+        self.covs = np.zeros((0, 3, 4))
         self.clock: Optional[float] = None  # time of the last step, in frame periods
 
     def confirmed(self) -> List[Track]:
@@ -231,19 +229,18 @@ class ByteTracker:
         ids: List[Optional[int]] = [None] * len(dets)
 
         # 1. predict every track to now. The associations below all look at these predictions
-        # (tracks are corrected only once every association is made), so the tracks' states,
-        # boxes and classes are taken into arrays once and each step picks rows of them.
+        # (tracks are corrected only once every association is made), so the tracks' boxes,
+        # classes and overlaps are taken into arrays once and each step picks rows of them.
         tracks = self.tracks
         n = len(tracks)
-        means, covs = np.zeros((n, 8)), np.zeros((n, 3, 4))
         if n:
-            means = np.stack([t.mean for t in tracks])
             # A lost track keeps moving but stops growing or shrinking: extrapolating its size
             # for seconds makes a box that no detection fits (ByteTrack does the same).
-            means[[t.lost_for > 0 for t in tracks], 6:8] = 0.0
-            means, covs = self.kalman.predict(means, np.stack([t.cov for t in tracks]), dt)
-            for t, m, c in zip(tracks, means, covs):
-                t.mean, t.cov, t.confidence = m, c, None
+            self.means[[t.lost_for > 0 for t in tracks], 6:8] = 0.0
+            self.means, self.covs = self.kalman.predict(self.means, self.covs, dt)
+            for t in tracks:
+                t.confidence = None
+        means, covs = self.means, self.covs
         now = _Now(tracks, means, covs, dets)
 
         scores = dets[:, 4].astype(np.float64)
@@ -282,11 +279,10 @@ class ByteTracker:
         if matched:
             ti = np.array([k for k, _ in matched])
             rows = np.array([d for _, d in matched])
-            updated, corrected = self.kalman.update(means[ti], covs[ti], xyxy_to_xywh(dets[rows, :4]))
+            means[ti], covs[ti] = self.kalman.update(means[ti], covs[ti], xyxy_to_xywh(dets[rows, :4]))
             confs, cls_list = scores.tolist(), classes.tolist()  # Python numbers: cheaper one by one
-            for (k, d), m, c in zip(matched, updated, corrected):
+            for k, d in matched:
                 t = tracks[k]
-                t.mean, t.cov = m, c
                 self._seen(t, now.det_boxes[d], confs[d], cls_list[d], timestamp, events)
                 if t.track_id is None and t.hits >= p.min_hits:
                     self._confirm(t, events)
@@ -296,10 +292,12 @@ class ByteTracker:
         seen = np.zeros(n, bool)
         seen[[k for k, _ in matched]] = True
         survivors: List[Track] = []
+        kept: List[int] = []  # their rows
         lost_now: List[int] = []  # confirmed tracks lost on this very frame
         for k, t in enumerate(tracks):
             if seen[k]:
                 survivors.append(t)
+                kept.append(k)
                 continue
             if t.track_id is None:
                 continue  # a tentative track that missed a frame is dropped (never published)
@@ -310,6 +308,8 @@ class ByteTracker:
             if t.lost_for <= dt:
                 lost_now.append(k)
             survivors.append(t)
+            kept.append(k)
+        means, covs = means[kept], covs[kept]
 
         # 6. new tentative tracks from the high detections nobody took (and nothing tracked covers)
         fresh = [d for d in left_high.tolist() if scores[d] >= p.new_track_thresh]
@@ -321,20 +321,22 @@ class ByteTracker:
             fresh = [d for d, dup in zip(fresh, same.tolist()) if not dup]
         if fresh:
             rows = np.array(fresh)
-            means, covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
-            for d, m, c in zip(fresh, means, covs):
-                t = Track(m, c, dets[d, :4].astype(np.float64), float(scores[d]), int(classes[d]), timestamp)
+            new_means, new_covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
+            means, covs = np.concatenate([means, new_means]), np.concatenate([covs, new_covs])
+            for d in fresh:
+                t = Track(dets[d, :4].astype(np.float64), float(scores[d]), int(classes[d]), timestamp)
                 if p.min_hits <= 1:
                     self._confirm(t, events)
                     ids[d] = t.track_id
                 survivors.append(t)
-        self.tracks = survivors
+        self.tracks, self.means, self.covs = survivors, means, covs
         return ids, events
 
     def end_all(self) -> List[Track]:
         """Forget every track; the confirmed ones, which had been announced, are returned."""
         done = self.confirmed()
         self.tracks = []
+        self.means, self.covs = self.means[:0], self.covs[:0]
         return done
 
     def _recover(
