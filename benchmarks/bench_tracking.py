@@ -239,7 +239,9 @@ def _modules_at(rev: str) -> Tuple[Any, Any]:
     """The ``tracker`` and ``zones`` modules as they are at git revision ``rev``: its
     plugins/processors files (the two stages and what they import from the folder) extracted to
     a temporary directory and imported under another package name, beside this checkout's."""
+    import atexit
     import importlib
+    import shutil
     import subprocess
     import tarfile
     import tempfile
@@ -249,6 +251,7 @@ def _modules_at(rev: str) -> Tuple[Any, Any]:
     paths = ["plugins/processors/__init__.py", "plugins/processors/_common.py",
              "plugins/processors/tracker", "plugins/processors/zones"]
     tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the stages import from it until the end
     archive = tmp / "ref.tar"
     subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), rev, *paths], check=True)
     with tarfile.open(archive) as tar:
