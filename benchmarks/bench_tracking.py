@@ -15,14 +15,17 @@ switches, switches per 100 ground-truth tracks, and the counts behind them.
 Cost. 50 objects moving on straight lines with jitter (as detections, no picture), through the
 ``tracker`` and a ``zones`` stage with two zones and two lines, timed per frame after a warm-up.
 
-    python -m benchmarks.bench_tracking            # the numbers of benchmarks/README.md
-    python -m benchmarks.bench_tracking --smoke    # a few seconds
+    python -m benchmarks.bench_tracking                    # the numbers of benchmarks/README.md
+    python -m benchmarks.bench_tracking --smoke            # a few seconds
+    python -m benchmarks.bench_tracking --seeds 201-206    # accuracy on other scenes
+    python -m benchmarks.bench_tracking --compare main     # cost of main's stages beside this checkout's
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -33,7 +36,7 @@ from edgepipe.messages import Frame
 from edgepipe.scenes import CLASSES, SceneStream
 from edgepipe.stage import StageContext
 
-__all__ = ["CostCase", "Scene", "cost", "detect_scene", "evaluate", "run", "track_scene"]
+__all__ = ["CostCase", "Scene", "compare", "cost", "detect_scene", "evaluate", "run", "track_scene"]
 
 Scene = Tuple[int, int, int, int, int]  # width, height, seed, objects, frames
 # The demo's scene at half its size: configs/demo.yaml shows 6 objects of 28 to 300 px in
@@ -167,28 +170,37 @@ class CostCase:
         return np.concatenate([boxes, conf[:, None], self.classes[:, None]], axis=1).astype(np.float32)
 
 
-def cost(objects: int = 50, frames: int = 600, warmup: int = 50) -> Dict[str, float]:
-    """Median and p95 microseconds per frame of tracker, zones, and both, for ``objects``: CPU
-    time of this process (``time.process_time``), which other work on a shared machine does
-    not inflate the way it does wall time; the wall-clock median is given beside it."""
-    from edgepipe_plugins.processors.tracker import TrackerConfig, TrackerStage
-    from edgepipe_plugins.processors.zones import ZonesConfig, ZonesStage
+def _cost_stages(tracker_module: Any = None, zones_module: Any = None) -> Tuple[Any, Any]:
+    """A started ``tracker`` and ``zones`` stage (two zones, two lines) from the given modules
+    (default: this checkout's)."""
+    from edgepipe_plugins.processors import tracker as own_tracker
+    from edgepipe_plugins.processors import zones as own_zones
 
-    case = CostCase(objects)
-    tracker = TrackerStage(TrackerConfig(), StageContext("track"))
-    zones = ZonesStage(ZonesConfig.model_validate({
+    tm, zm = tracker_module or own_tracker, zones_module or own_zones
+    tracker = tm.TrackerStage(tm.TrackerConfig(), StageContext("track"))
+    zones = zm.ZonesStage(zm.ZonesConfig.model_validate({
         "zones": {"left": {"polygon": [[0.05, 0.1], [0.45, 0.1], [0.45, 0.9], [0.05, 0.9]], "loiter": 5},
                   "right": {"polygon": [[0.55, 0.1], [0.95, 0.2], [0.9, 0.9], [0.6, 0.8]]}},
         "lines": {"middle": {"points": [[0.5, 0.0], [0.5, 1.0]]}, "across": {"points": [[0.0, 0.5], [1.0, 0.5]]}},
     }), StageContext("zones"))
     tracker.start()
     zones.start()
+    return tracker, zones
+
+
+def _time_frames(objects: int, frames: int, warmup: int, modules: Tuple[Any, Any] = (None, None)) -> Dict[str, Any]:
+    """Per-frame CPU seconds of tracker and zones, wall seconds of both, and tracks per frame."""
+    case = CostCase(objects)
+    tracker, zones = _cost_stages(*modules)
+    # Capture times from now on, as a camera's: zones takes a track first seen before it started
+    # for one it inherited from a restart (no events), which times from 0 would all look like.
+    start = time.time()
     t_track: List[float] = []
     t_zones: List[float] = []
     wall: List[float] = []
     tracks = 0
     for i in range(frames + warmup):
-        f = Frame("scene", i, i / FPS, width=case.width, height=case.height, detections=case.detections(i),
+        f = Frame("scene", i, start + i / FPS, width=case.width, height=case.height, detections=case.detections(i),
                   names=list(CLASSES))
         w0, t0 = time.perf_counter(), time.process_time()
         tracker.process([f])
@@ -200,21 +212,83 @@ def cost(objects: int = 50, frames: int = 600, warmup: int = 50) -> Dict[str, fl
             t_zones.append(t2 - t1)
             wall.append(w2 - w0)
             tracks += sum(t is not None for t in f.track_ids or [])
-    both = np.array(t_track) + np.array(t_zones)
+    return {"tracker": t_track, "zones": t_zones, "wall": wall, "tracked": tracks}
+
+
+def _cost_figures(objects: int, frames: int, t: Dict[str, Any]) -> Dict[str, float]:
+    both = np.array(t["tracker"]) + np.array(t["zones"])
     return {
         "objects": objects,
-        "tracked_per_frame": round(tracks / frames, 1),
-        "tracker_us_median": round(1e6 * float(np.median(t_track)), 1),
-        "zones_us_median": round(1e6 * float(np.median(t_zones)), 1),
+        "tracked_per_frame": round(t["tracked"] / frames, 1),
+        "tracker_us_median": round(1e6 * float(np.median(t["tracker"])), 1),
+        "zones_us_median": round(1e6 * float(np.median(t["zones"])), 1),
         "both_us_median": round(1e6 * float(np.median(both)), 1),
         "both_us_p95": round(1e6 * float(np.percentile(both, 95)), 1),
-        "both_wall_us_median": round(1e6 * float(np.median(wall)), 1),
+        "both_wall_us_median": round(1e6 * float(np.median(t["wall"])), 1),
     }
 
 
-def run(smoke: bool = False) -> Dict[str, Any]:
+def cost(objects: int = 50, frames: int = 600, warmup: int = 50) -> Dict[str, float]:
+    """Median and p95 microseconds per frame of tracker, zones, and both, for ``objects``: CPU
+    time of this process (``time.process_time``), which other work on a shared machine does
+    not inflate the way it does wall time; the wall-clock median is given beside it."""
+    return _cost_figures(objects, frames, _time_frames(objects, frames, warmup))
+
+
+def _modules_at(rev: str) -> Tuple[Any, Any]:
+    """The ``tracker`` and ``zones`` modules as they are at git revision ``rev``: its
+    plugins/processors files (the two stages and what they import from the folder) extracted to
+    a temporary directory and imported under another package name, beside this checkout's."""
+    import atexit
+    import importlib
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    paths = ["plugins/processors/__init__.py", "plugins/processors/_common.py",
+             "plugins/processors/tracker", "plugins/processors/zones"]
+    tmp = Path(tempfile.mkdtemp(prefix="edgepipe-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the stages import from it until the end
+    archive = tmp / "ref.tar"
+    subprocess.run(["git", "-C", str(root), "archive", "-o", str(archive), rev, *paths], check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp)
+    package = "edgepipe_bench_" + "".join(c if c.isalnum() else "_" for c in rev)
+    (tmp / "plugins").rename(tmp / package)
+    (tmp / package / "__init__.py").write_text("")
+    sys.path.insert(0, str(tmp))
+    return (importlib.import_module(f"{package}.processors.tracker"),
+            importlib.import_module(f"{package}.processors.zones"))
+
+
+def compare(rev: str, objects: int = 50, frames: int = 600, warmup: int = 50, rounds: int = 3) -> Dict[str, Any]:
+    """The cost of the stages at git revision ``rev`` and of this checkout's, measured side by
+    side in this process: ``rounds`` runs of each, alternating which goes first, so that the load
+    of a shared machine falls on both alike; medians over all their frames."""
+    ref = _modules_at(rev)
+    times: Dict[str, Dict[str, Any]] = {}
+    load = [round(os.getloadavg()[0], 2)]
+    for r in range(rounds):
+        order = [(rev, ref), ("this checkout", (None, None))]
+        for name, modules in order if r % 2 == 0 else order[::-1]:
+            t = _time_frames(objects, frames, warmup, modules)
+            acc = times.setdefault(name, {"tracker": [], "zones": [], "wall": [], "tracked": 0})
+            for key in ("tracker", "zones", "wall"):
+                acc[key] += t[key]
+            acc["tracked"] += t["tracked"]
+    load.append(round(os.getloadavg()[0], 2))
+    out: Dict[str, Any] = {name: _cost_figures(objects, frames * rounds, t) for name, t in times.items()}
+    out["load_average_1min_start_end"] = load
+    out["rounds"] = rounds
+    return out
+
+
+def run(smoke: bool = False, scenes: Optional[Sequence[Scene]] = None) -> Dict[str, Any]:
     """The ``tracking`` section of ``benchmarks.run``: accuracy at both frame rates and the cost."""
-    scenes = SMOKE_SCENES if smoke else FULL_SCENES
+    scenes = scenes or (SMOKE_SCENES if smoke else FULL_SCENES)
     t0 = time.time()
     acc = accuracy(scenes)
     c = cost(frames=100 if smoke else 600)
@@ -231,6 +305,7 @@ def run(smoke: bool = False) -> Dict[str, Any]:
                     "tracker + zones cost per frame (benchmarks/bench_tracking.py)",
             "scenes": [dict(zip(("width", "height", "seed", "objects", "frames"), s)) for s in scenes],
             "imgsz": IMGSZ, "accuracy": acc, "cost_objects": c["objects"], "seconds": round(time.time() - t0, 1),
+            "load_average_1min": round(os.getloadavg()[0], 2),
         },
         "figures": figures,
         "fractions": fractions,
@@ -240,8 +315,27 @@ def run(smoke: bool = False) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="one short scene, a short cost run")
+    parser.add_argument("--seeds", help="scene seeds for the accuracy part, e.g. 201-206 or 101,104 "
+                        "(default: 101-106, 300 frames each)")
+    parser.add_argument("--cost-only", action="store_true", help="only the cost part")
+    parser.add_argument("--compare", metavar="REV", help="only the cost part: the stages at git revision "
+                        "REV (e.g. main) and this checkout's, side by side in one run")
+    parser.add_argument("--frames", type=int, default=600, help="timed frames per cost run (default 600)")
+    parser.add_argument("--rounds", type=int, default=3, help="cost runs of each side with --compare (default 3)")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.smoke), indent=2))
+    if args.compare:
+        print(json.dumps(compare(args.compare, frames=args.frames, rounds=args.rounds), indent=2))
+    elif args.cost_only:
+        print(json.dumps(dict(cost(frames=args.frames), load_average_1min=round(os.getloadavg()[0], 2)), indent=2))
+    else:
+        scenes = None
+        if args.seeds:
+            seeds: List[int] = []
+            for part in args.seeds.split(","):
+                lo, _, hi = part.partition("-")
+                seeds += list(range(int(lo), int(hi or lo) + 1))
+            scenes = [(WIDTH, HEIGHT, seed, OBJECTS, 300) for seed in seeds]
+        print(json.dumps(run(args.smoke, scenes), indent=2))
     return 0
 
 

@@ -304,7 +304,8 @@ class TrackerStage(Processor):
     def _track(self, frame: Frame) -> None:
         src = self._source(frame.source)
         clock = self._advance(src, frame)
-        ids, lifecycle = src.tracker.step(frame.detections, clock, frame.timestamp, self._buffer_frames(src))
+        ids, lifecycle = src.tracker.step(frame.detections, clock, frame.timestamp, self._buffer_frames(src),
+                                         (frame.width, frame.height) if frame.width and frame.height else None)
         frame.track_ids = ids
         names = src.names = frame.names or []
         events = list(frame.events)
@@ -330,15 +331,28 @@ class TrackerStage(Processor):
         frame.meta["tracker"] = {"run": self.run, "stage": self.name}
         # What a zones stage needs to describe the tracks seen here, as columns (cheap to build
         # and to send for 50 tracks): their state beyond the detection row carrying their id.
-        seen = [t for t in src.tracker.tracks if t.track_id is not None and t.confidence is not None]
+        track_id: List[int] = []
+        class_id: List[int] = []
+        first_seen: List[float] = []
+        best_confidence: List[float] = []
+        open_tracks = 0
+        for t in src.tracker.tracks:  # one pass: this runs for every track of every frame
+            if t.track_id is None:
+                continue
+            open_tracks += 1
+            if t.confidence is not None:
+                track_id.append(t.track_id)
+                class_id.append(t.class_id)
+                first_seen.append(t.first_seen)
+                best_confidence.append(t.best_confidence)
         frame.meta["tracks"] = {
-            "track_id": [t.track_id for t in seen],
-            "class_id": [t.class_id for t in seen],
-            "first_seen": [t.first_seen for t in seen],
-            "best_confidence": [t.best_confidence for t in seen],
-            "snapshot": {str(t.track_id): src.snapshots[t.track_id] for t in seen if t.track_id in src.snapshots},
+            "track_id": track_id,
+            "class_id": class_id,
+            "first_seen": first_seen,
+            "best_confidence": best_confidence,
+            "snapshot": {str(i): src.snapshots[i] for i in track_id if i in src.snapshots},
         }
-        self.m_tracks.labels(frame.source).set(sum(t.track_id is not None for t in src.tracker.tracks))
+        self.m_tracks.labels(frame.source).set(open_tracks)
 
     def _summary(self, src: _Source, track: Any, names: List[str]) -> Dict[str, Any]:
         c = int(track.class_id)

@@ -96,3 +96,13 @@ class KalmanXYWH:
         out[:, 1] = (1 - gain_p) * pv
         out[:, 2] = vv - gain_v * pv
         return means, out
+
+    def gating_distance(self, means: np.ndarray, covs: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance (n, m) of each measured box ``z`` (m, 4) cx cy w h from
+        each predicted state (n, 8)/(n, 3, 4), under the covariance the filter would give the
+        measurement (predicted position variance plus measurement noise). The quantities are
+        independent, so the 4x4 covariance is diagonal and the distance a sum of four ratios;
+        it follows a chi-square law with 4 degrees of freedom when the model is right."""
+        s = covs[:, 0] + (self.std_position * self._sides(means)) ** 2  # (n, 4)
+        d = np.asarray(z, np.float64).reshape(1, -1, 4) - means[:, None, :4]  # (n, m, 4)
+        return np.einsum("nmq,nq->nm", d * d, 1.0 / s)

@@ -180,7 +180,7 @@ class _TrackState:
         self.zones: Dict[str, float] = {}  # zone -> timestamp it was entered
         self.streak: Dict[str, Tuple[int, float]] = {}  # zone -> (sightings, since) against membership
         self.loitered: Set[str] = set()
-        self.sides: Dict[str, Tuple[int, np.ndarray]] = {}  # line -> (side, point seen there)
+        self.sides: Dict[str, Tuple[int, List[float]]] = {}  # line -> (side, point [x, y] seen there)
         self.seen_at = 0.0  # timestamp of the latest frame it was seen on
         self.restored = False  # first seen by a restarted zones stage: take its zones silently
         self.class_id = 0
@@ -333,6 +333,7 @@ class ZonesStage(Processor):
             inside_by_zone = [inside(points, z.points).tolist() for z in zones]
             side_by_line = [side(points, line.points[0], line.points[1], self.config.line_margin).tolist()
                             for line in lines]
+            point_list = points.tolist()
             boxes = np.round(seen[:, :4], 2).tolist()
             confidences = np.round(seen[:, 4], 5).tolist()
             classes = seen[:, 5].astype(np.int64).tolist()
@@ -359,12 +360,19 @@ class ZonesStage(Processor):
                 for z, flags in zip(zones, inside_by_zone):
                     if z.class_ids is not None and cls not in z.class_ids:
                         continue
-                    if self._zone_step(frame, run, st, tid, z, flags[k], out):
+                    if flags[k] == (z.name in st.zones):  # no change: the common case, inline
+                        if st.streak:
+                            st.streak.pop(z.name, None)
+                    elif self._zone_step(frame, run, st, tid, z, flags[k], out):
                         changed.add(tid)
                 for line, sides in zip(lines, side_by_line):
-                    if sides[k] == 0 or (line.class_ids is not None and cls not in line.class_ids):
+                    now = sides[k]
+                    if now == 0 or (line.class_ids is not None and cls not in line.class_ids):
                         continue
-                    self._line_step(frame, run, st, tid, line, sides[k], points[k], out)
+                    before = st.sides.get(line.name)
+                    st.sides[line.name] = (now, point_list[k])
+                    if before is not None and before[0] != now:
+                        self._line_step(frame, run, st, tid, line, now, before[1], point_list[k], out)
                 st.restored = False
         # Loitering: every track inside a zone, seen on this frame or not (hidden, not gone).
         loiter = {z.name: z.place.loiter for z in zones if z.place.loiter is not None}  # type: ignore[attr-defined]
@@ -441,12 +449,8 @@ class ZonesStage(Processor):
 
     def _zone_step(self, frame: Frame, run: str, st: _TrackState, tid: int, z: _Geometry, now_inside: bool,
                    out: List[Dict[str, Any]]) -> bool:
-        """Follow one track in one zone; True when its membership changed."""
-        member = z.name in st.zones
-        if now_inside == member:
-            if st.streak:
-                st.streak.pop(z.name, None)
-            return False
+        """Follow one track in one zone whose membership ``now_inside`` contradicts (the caller
+        handles the agreeing case); True when its membership changed."""
         if st.restored:
             st.zones[z.name] = frame.timestamp
             self._count(frame.source, z.name, +1)
@@ -471,13 +475,10 @@ class ZonesStage(Processor):
         return True
 
     def _line_step(self, frame: Frame, run: str, st: _TrackState, tid: int, line: _Geometry, now: int,
-                   point: np.ndarray, out: List[Dict[str, Any]]) -> None:
-        """Follow one track across one line; ``now`` is its side there (+1 or -1)."""
-        before = st.sides.get(line.name)
-        st.sides[line.name] = (now, point)
-        if before is None or before[0] == now:
-            return
-        if not passes_through(before[1], point, line.points[0], line.points[1]):
+                   before: List[float], point: List[float], out: List[Dict[str, Any]]) -> None:
+        """One track seen on side ``now`` (+1 or -1) of a line, on the other side ``before``:
+        a crossing when its step went through the line (the caller keeps the sides)."""
+        if not passes_through(before, point, line.points[0], line.points[1]):
             return  # went around an end of the line
         directions = line.place.directions  # type: ignore[attr-defined]
         direction = directions[0] if now > 0 else directions[1]

@@ -66,7 +66,8 @@ def inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
         return np.zeros(0, bool)
     x, y = pts[:, 0:1], pts[:, 1:2]  # (n, 1)
     xa, ya = polygon[:, 0][None, :], polygon[:, 1][None, :]  # (1, k)
-    xb, yb = np.roll(polygon[:, 0], -1)[None, :], np.roll(polygon[:, 1], -1)[None, :]
+    nxt = np.concatenate((polygon[1:], polygon[:1]))  # each vertex's successor
+    xb, yb = nxt[:, 0][None, :], nxt[:, 1][None, :]
     straddles = (ya > y) != (yb > y)
     with np.errstate(divide="ignore", invalid="ignore"):
         x_cross = xa + (y - ya) * (xb - xa) / (yb - ya)
@@ -83,6 +84,7 @@ def side(points: np.ndarray, a: np.ndarray, b: np.ndarray, margin: float) -> np.
     return np.where(dist > margin, 1, np.where(dist < -margin, -1, 0))
 
 
-def passes_through(p: np.ndarray, q: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
-    """True when the step p -> q passes through the segment a-b (not around one of its ends)."""
+def passes_through(p: Sequence[float], q: Sequence[float], a: np.ndarray, b: np.ndarray) -> bool:
+    """True when the step p -> q (points as [x, y]) passes through the segment a-b (not around
+    one of its ends)."""
     return _segments_meet(np.asarray(p, np.float64), np.asarray(q, np.float64), a, b)

@@ -96,6 +96,48 @@ def test_a_detector_wavering_between_classes_keeps_the_id_and_the_label_follows_
     assert [(u["changed"], u["label"]) for u in updates] == [(["label"], "triangle")]
 
 
+def test_a_small_object_hidden_for_a_while_keeps_its_id_when_it_comes_out_off_its_path():
+    # A 16 px circle moving 3 px per frame is hidden for 15 frames and comes out 8 to 16 px
+    # ahead of where its motion predicts it: its predicted box barely or not at all overlaps the
+    # detection (IoU 0.33 at 8 px, 0 at 16 px), but the Kalman uncertainty after 15 lost frames
+    # covers the offset (step 2b). 25 px off is too far: a new object, a new id.
+    def seen(i: int, off: float = 0.0) -> List[float]:
+        x = 100 + 3.0 * i + off
+        return [x, 100, x + 16, 116, 0.9, 0]
+
+    for off, expected in ((8, 1), (12, 1), (16, 1), (25, 2)):
+        t = tracker()
+        ids = []
+        for i in range(30):
+            f = frame(i, [seen(i, off if i >= 25 else 0.0)] if not 10 <= i < 25 else [])
+            t.process([f])
+            ids.append(f.track_ids[0] if f.track_ids else "hidden")
+        assert ids[1:10] == [1] * 9, ids
+        assert ids[26:] == [expected] * 4, (off, ids)
+
+
+def test_an_object_coming_in_where_another_left_the_frame_gets_a_new_id():
+    # A 30 px square leaves through the left edge at 2 px per frame, detected until 12 px of it
+    # are left in the picture (frame 39); 10 frames later another square comes in at the same
+    # place. The first one's track is still in its buffer and the newcomer within its
+    # uncertainty, but a track predicted mostly outside the frame has left it: the newcomer is
+    # another object.
+    t = tracker()
+    ids = []
+    for i in range(58):
+        x = 60 - 2.0 * i
+        if i < 40:
+            boxes = [[max(x, 0.0), 200, x + 30, 230, 0.9, 1]]
+        elif i < 50:
+            boxes = []
+        else:
+            boxes = [[0, 200, 3 * (i - 50) + 6, 230, 0.9, 1]]
+        f = frame(i, boxes)
+        t.process([f])
+        ids += [x for x in f.track_ids if x is not None]
+    assert ids[0] == 1 and ids[-1] == 2 and set(ids) == {1, 2}, ids
+
+
 def test_a_restarted_tracker_continues_the_ids_and_ends_the_open_tracks(tmp_path: Path):
     first = tracker(str(tmp_path))
     for i in range(5):
@@ -145,9 +187,10 @@ def test_track_buffer_in_seconds_follows_the_frame_rate():
 @pytest.mark.slow
 def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_frame_dropped():
     """The issue's goal is IDF1 >= 0.90 and at most 1 ID switch per 100 ground-truth tracks.
-    IDF1 is reached; the switches are not (benchmarks/README.md: about 6-8 per 100 on the six
-    benchmark scenes, nearly all an object hidden behind another for longer than track_buffer),
-    so they are held to what the tracker does now, to catch it getting worse."""
+    IDF1 is reached. These three scenes have no switch at either rate; the six benchmark scenes
+    have a few (benchmarks/README.md: 7.8 and 4.8 per 100 tracks, each one explained there:
+    the detector splitting, merging or not seeing an object for longer than track_buffer), so
+    this holds them to at most one switch in the 27 tracks here, to catch it getting worse."""
     from benchmarks import bench_tracking as b
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 200) for seed in (101, 102, 103)]
@@ -157,7 +200,7 @@ def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_fram
         assert r["ground_truth_tracks"] >= 15, r
         assert r["idf1"] >= 0.90, (rate, r)
         assert r["mota"] >= 0.80, (rate, r)
-        assert r["switches_per_100_tracks"] <= 10.0, (rate, r)
+        assert r["switches_per_100_tracks"] <= 4.0, (rate, r)
 
 
 def pictured(i: int, conf: float, x: float = 40.0) -> Frame:
