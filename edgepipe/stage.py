@@ -271,16 +271,17 @@ class Stage(abc.ABC):  # noqa: B024 - abstract through its three kinds
     def stop(self) -> None:  # noqa: B027 - an optional hook
         """Release resources; last call."""
 
-    def report_unhealthy(self, reason: str) -> None:
+    def report_unhealthy(self, reason: str, log: bool = True) -> None:
         """The stage cannot do its job but keeps running; ``reason`` is one line (see the class
-        docstring). Logged once per change of reason."""
-        if self.metrics.problem != " ".join(str(reason).split()):
+        docstring). Logged once per change of reason, unless ``log`` is False (the stage already
+        logs that event in words of its own, as a reconnecting camera does)."""
+        if log and self.metrics.problem != " ".join(str(reason).split()):
             self.log.warning("Unhealthy: %s", reason)
         self.metrics.report_problem(reason)
 
-    def report_healthy(self) -> None:
+    def report_healthy(self, log: bool = True) -> None:
         """The stage can do its job again (after :meth:`report_unhealthy`)."""
-        if self.metrics.problem is not None:
+        if log and self.metrics.problem is not None:
             self.log.info("Healthy again")
         self.metrics.clear_problem()
 

@@ -25,7 +25,7 @@ from edgepipe.messages import Frame, encode
 from edgepipe.metrics import StageMetrics
 from edgepipe.transport import Input, Output
 
-SECTIONS = {"transport", "backends", "throughput", "batching", "latency", "overload", "memory", "model", "ops", "gpu"}
+SECTIONS = {"transport", "backends", "throughput", "batching", "latency", "overload", "memory", "model", "ops", "gpu", "tracking"}
 # Figures each section must have (more may come); each a positive number.
 EXPECTED = {
     "transport": ["memcpy_640x640_ms", "hop_block_640x640_median_ms", "hop_block_640x640_p99_ms",

@@ -78,10 +78,11 @@ class CaptureSource(NumberedSource):
 
     def capture_health(self, problem: Optional[str]) -> None:
         """The capture thread's ``on_health``: lost (the reason) or back (None)."""
+        # The capture thread logs "Cannot connect", "Lost" and "Reconnected" itself.
         if problem is None:
-            self.report_healthy()
+            self.report_healthy(log=False)
         else:
-            self.report_unhealthy(problem)
+            self.report_unhealthy(problem, log=False)
 
     def read(self) -> Optional[Frame]:
         assert self._capture is not None, "read() before start()"

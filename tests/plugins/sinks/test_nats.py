@@ -8,6 +8,7 @@ node on the device, a hub sourcing the device's stream) end to end."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import select
 import shutil
@@ -200,22 +201,29 @@ def readme_consumer(url: str, count: int) -> List[str]:
     """Run the Python consumer of deploy/README.md against ``url``; its first ``count`` lines."""
     text = (REPO / "deploy" / "README.md").read_text()
     code = text.split("```python\n", 1)[1].split("```", 1)[0].replace("nats://hub.example.net:4222", url)
-    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-u", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lines: List[str] = []
+    pending = b""
     try:
-        deadline = time.monotonic() + 150  # a hang bound: a message a timed-out fetch held comes back after ack_wait (30 s)
+        # A hang bound: a message a timed-out fetch held comes back after ack_wait (30 s).
+        deadline = time.monotonic() + 150
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
         while len(lines) < count and time.monotonic() < deadline:
-            if not select.select([proc.stdout], [], [], 1.0)[0]:
+            # Raw reads on the descriptor: select() cannot see what a buffered readline() has
+            # already taken in, so two lines arriving together would leave the second unread.
+            if not select.select([fd], [], [], 1.0)[0]:
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            chunk = os.read(fd, 65536)
+            if not chunk:
                 break
-            lines.append(line.strip())
+            pending += chunk
+            *done, pending = pending.split(b"\n")
+            lines += [x.decode().strip() for x in done]
     finally:
         proc.kill()
         proc.wait()
-    return lines
+    return lines[:count]
 
 
 def test_the_fleet_example_leaf_to_hub(tmp_path: Path):
