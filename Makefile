@@ -7,6 +7,10 @@ PIP := $(PY) -m pip
 # torch: a CPU build from local disk by default; `make TORCH= test` keeps whatever is installed
 # (e.g. the JetPack wheel), `make TORCH='torch==2.1.0' ...` picks another.
 TORCH ?= torch==2.13.0
+# Two test processes, each taking whole files (a file's shared daemon starts once): most tests
+# wait on sockets and child processes, so two keep a 2-core machine busy. `PYTEST_JOBS=0` runs
+# the suite in one process.
+PYTEST_JOBS ?= 2
 PYTEST_ARGS ?=
 
 # Debian packages the test suite drives for real (RTSP server, GStreamer, Prometheus, Chromium,
@@ -86,7 +90,7 @@ deps:
 	fi
 
 test: install deps
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_JOBS)),-n $(PYTEST_JOBS) --dist loadfile) $(PYTEST_ARGS)
 
 # One minute of generated scenes through the shipped demo model (configs/demo.yaml); it ends by
 # itself with a summary. The variables its header lists pass through (EDGEPIPE_DEMO_FRAMES=...).

@@ -381,21 +381,45 @@ _installed = False
 def install_test_plugins() -> None:
     """pip-install tests/data/thirdparty_plugin into this venv (once per process), the way a
     user installs a third party's plugin: no network, no build isolation, from a copy so the
-    source tree gets no build litter."""
+    source tree gets no build litter. Test processes running side by side (pytest -n) take a
+    lock, and one that finds the current version already installed does not install it again."""
     global _installed
     if _installed:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "thirdparty_plugin"
-        shutil.copytree(THIRDPARTY, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-        r = subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
-             "--no-index", "--force-reinstall", "-q", str(src)],
-            capture_output=True, text=True, timeout=300,
-        )
-    if r.returncode != 0:
-        raise AssertionError(f"installing the test plugin package failed:\n{r.stdout}\n{r.stderr}")
+    import fcntl
+    import hashlib
+
+    digest = hashlib.sha256(
+        b"".join(p.read_bytes() for p in sorted(THIRDPARTY.rglob("*")) if p.is_file() and "__pycache__" not in p.parts)
+    ).hexdigest()[:16]
+    marker = Path(sys.prefix) / f".edgepipe-testplugins-{digest}"
+    with open(Path(sys.prefix) / ".edgepipe-testplugins.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (marker.exists() and _testplugins_present()):
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "thirdparty_plugin"
+                shutil.copytree(THIRDPARTY, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+                r = subprocess.run(
+                    [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                     "--no-index", "--force-reinstall", "-q", str(src)],
+                    capture_output=True, text=True, timeout=300,
+                )
+            if r.returncode != 0:
+                raise AssertionError(f"installing the test plugin package failed:\n{r.stdout}\n{r.stderr}")
+            for old in Path(sys.prefix).glob(".edgepipe-testplugins-*"):
+                old.unlink()
+            marker.touch()
     _installed = True
+
+
+def _testplugins_present() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("edgepipe-testplugins")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def read_jsonl(path: Path) -> List[Dict[str, Any]]:
