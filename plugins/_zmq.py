@@ -73,6 +73,7 @@ class ZmqEndpoint:
         hwm: int,
         hwm_option: int,
         metrics: Any = None,
+        monitor_events: int = 0,
     ):
         import zmq
 
@@ -80,6 +81,8 @@ class ZmqEndpoint:
         self.socket = self.context.socket(socket_type)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(hwm_option, hwm)
+        # Attached before bind/connect, so no connection is made before the monitor sees it.
+        self.monitor: Any = self.socket.get_monitor_socket(monitor_events) if monitor_events else None
         self._curve = config.curve is not None
         try:
             if config.bind is not None:
@@ -107,6 +110,10 @@ class ZmqEndpoint:
 
     def close(self, linger: float = 0.0) -> None:
         """Close the socket, waiting up to ``linger`` seconds for queued messages to go out."""
+        if self.monitor is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         self.socket.close(linger=int(linger * 1000))
         if self._curve:
             stop_authenticators(self.context)

@@ -38,7 +38,9 @@ def test_a_file_deleted_while_read_is_still_read_to_the_end_exactly_once(tmp_pat
     write_video(video, 60)
     short = tempfile.mkdtemp(prefix="ep-", dir="/tmp")
     endpoint = f"ipc://{short}/frames"
-    sink = FrameSink(endpoint, hwm=1)
+    # Closes on the end marker like a zmq source with stop_on_eos: the sender stays connected
+    # until then, so a reader that is behind still gets every frame.
+    sink = FrameSink(endpoint, hwm=1, close_on_end=True)
     sink.pause()  # block: the pipeline waits for us, so the deletion lands mid-file
     try:
         with Daemon(_config(video, endpoint), tmp_path) as d:
@@ -51,7 +53,7 @@ def test_a_file_deleted_while_read_is_still_read_to_the_end_exactly_once(tmp_pat
             sink.resume()
             assert d.wait(60) == 0, d.log
             d.assert_no_leftovers()
-        assert sink.wait_end(), "no end marker after the daemon finished"
+        assert sink.wait_end(), f"no end marker after the daemon finished; frames read: {sink.ids()}\n{d.log}"
         assert sink.ids() == list(range(60))
     finally:
         sink.close()
@@ -64,7 +66,7 @@ def test_a_looping_file_that_disappears_is_retried_per_policy_then_given_up(tmp_
     kept = tmp_path / "kept.avi"
     short = tempfile.mkdtemp(prefix="ep-", dir="/tmp")
     endpoint = f"ipc://{short}/frames"
-    sink = FrameSink(endpoint)
+    sink = FrameSink(endpoint, close_on_end=True)
     try:
         config = _config(video, endpoint, loop=True, realtime=True, fps=20)
         with Daemon(config, tmp_path) as d:

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rtsp")
     short = tempfile.mkdtemp(prefix="ep-", dir="/tmp")
     server = RtspServer(fps=15).start()
-    sink = FrameSink(f"ipc://{short}/frames")
+    sink = FrameSink(f"ipc://{short}/frames", close_on_end=True)
     notify = NotifySocket(str(tmp / "notify"))
     recorder = Recorder(notify)
     config = {

@@ -57,7 +57,7 @@ def totals(d: Daemon) -> dict:
 
 
 def test_latest_keeps_frame_age_bounded_and_counts_every_drop(tmp_path: Path, endpoint: str):
-    sink = FrameSink(endpoint, hwm=1, delay=0.1)  # reads 10 frames/s; the camera makes 50
+    sink = FrameSink(endpoint, hwm=1, delay=0.1, close_on_end=True)  # reads 10 frames/s; the camera makes 50
     try:
         with Daemon(_config(endpoint, width=320, height=240, fps=50), tmp_path) as d:
             d.wait_ready(120)
@@ -90,7 +90,7 @@ def test_latest_keeps_frame_age_bounded_and_counts_every_drop(tmp_path: Path, en
 
 def test_block_loses_nothing_and_holds_memory_while_the_reader_stalls(tmp_path: Path, endpoint: str):
     n = 200
-    sink = FrameSink(endpoint, hwm=1)
+    sink = FrameSink(endpoint, hwm=1, close_on_end=True)
     sink.pause()
 
     def stalled_state(d: Daemon) -> dict:

@@ -95,9 +95,11 @@ def assert_workers_clean(d: Daemon, workers: int) -> None:
 class FrameSink:
     """The PULL end a daemon's ``zmq_push`` sink connects to, read in a thread: per frame (arrival
     time, frame id, capture time). ``hwm`` bounds what queues here; ``delay`` makes it a slow
-    reader (seconds per frame); :meth:`pause`/:meth:`resume` stop and restart reading."""
+    reader (seconds per frame); :meth:`pause`/:meth:`resume` stop and restart reading. With
+    ``close_on_end`` it closes its socket once an end marker has arrived, as a ``zmq`` source with
+    ``stop_on_eos`` does (a ``zmq_push`` sink stays connected until then)."""
 
-    def __init__(self, endpoint: str, hwm: int = 1000, delay: float = 0.0) -> None:
+    def __init__(self, endpoint: str, hwm: int = 1000, delay: float = 0.0, close_on_end: bool = False) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PULL)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -105,6 +107,7 @@ class FrameSink:
         self.sock.bind(endpoint)
         self.endpoint = endpoint
         self.delay = delay
+        self.close_on_end = close_on_end
         self.frames: List[Tuple[float, int, float]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -123,6 +126,10 @@ class FrameSink:
                 with self._lock:
                     self.frames.append((time.time(), item.frame_id, item.timestamp))
             else:
+                if self.close_on_end:
+                    self.sock.close(linger=0)
+                    self.ended.set()
+                    return
                 self.ended.set()
             if self.delay:
                 time.sleep(self.delay)
