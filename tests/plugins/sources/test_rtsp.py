@@ -74,10 +74,14 @@ def test_rtsp_source_keeps_only_the_newest_frame():
             grabbed = src._capture._seq
             time.sleep(1.0)  # ~15 frames arrive meanwhile and nobody reads them
             assert src._capture._seq - grabbed >= 8, "the grab thread stopped reading while nobody consumed"
-            t0 = time.monotonic()
-            frames = collect(src, 5, timeout=10)
-            # No backlog: the first is the newest, the next four arrive at the stream's 15 fps.
-            assert time.monotonic() - t0 >= 3 / 15, "frames came from a backlog"
+            newest = src._capture._seq
+            frames = collect(src, 1, timeout=10)
+            # No backlog: the frame read is the newest grabbed when read() was called (or newer),
+            # so the 7 or more before it were dropped, not queued. (Timing the next reads cannot
+            # tell: on a busy machine the server's frames arrive in bursts.)
+            taken = src._capture._taken
+            assert taken >= newest, f"read frame {taken} of the stream while frame {newest} was there"
+            frames += collect(src, 4, timeout=10)
             assert [f.frame_id for f in frames] == [1, 2, 3, 4, 5]
         finally:
             src.stop()
