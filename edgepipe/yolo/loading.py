@@ -250,14 +250,17 @@ def _with_low_precision(sel: _Selector, fp32: Backend, onnx: Optional[OnnxModel]
     """fp32 and, where it may run, bf16 on OpenVINO behind the gate; raced unless pinned."""
     candidates: Dict[str, Backend] = {}
     reason: Dict[str, str] = {}
+    bf16_possible = onnx is not None and openvino_available() and (ov_device != "CPU" or cpu_has_bf16(ov_device))
     if precision in (None, "fp32"):
         key = fp32.describe()
         candidates[key] = fp32
-        reason[key] = "fp32" + (" (precision: fp32)" if precision else "")
-    bf16_possible = onnx is not None and openvino_available() and (ov_device != "CPU" or cpu_has_bf16(ov_device))
-    if precision is None and not bf16_possible:
-        reason[fp32.describe()] = "fp32 (bf16 not tried: it needs " + (
-            "the openvino extra)" if not openvino_available() else "a CPU with AVX512-BF16 or AMX)")
+        if precision:
+            reason[key] = "fp32 (precision: fp32)"
+        elif bf16_possible:
+            reason[key] = "fp32"
+        else:
+            needs = "the openvino extra" if not openvino_available() else "a CPU with AVX512-BF16 or AMX"
+            reason[key] = f"fp32 (bf16 not tried: it needs {needs})"
     if precision == "bf16" and not bf16_possible:
         raise DetectorError("precision bf16 needs OpenVINO (pip install 'edgepipe[openvino]') on a CPU with AVX512-BF16 or AMX")
     if precision in (None, "bf16") and bf16_possible:

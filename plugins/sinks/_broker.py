@@ -22,6 +22,7 @@ directory: ``state_dir`` when set, else ``$STATE_DIRECTORY/<pipeline>/<stage>`` 
 
 from __future__ import annotations
 
+import abc
 import collections
 import hashlib
 import importlib
@@ -314,9 +315,9 @@ class BrokerSink(DeliveringSink):
         """Whether messages of ``kind`` go through the spool (acknowledged delivery)."""
         return True
 
+    @abc.abstractmethod
     def serve(self) -> None:
         """The delivery thread: connect, deliver, reconnect, until ``self.stopping``."""
-        raise NotImplementedError
 
     def wake(self) -> None:
         """Tell the delivery thread that there is something new to send (from any thread)."""

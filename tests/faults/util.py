@@ -128,8 +128,7 @@ class FrameSink:
             else:
                 if self.close_on_end:
                     self.sock.close(linger=0)
-                    self.ended.set()
-                    return
+                    self._stop.set()
                 self.ended.set()
             if self.delay:
                 time.sleep(self.delay)
