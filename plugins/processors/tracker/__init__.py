@@ -88,6 +88,12 @@ class TrackerConfig(StageConfig):
         description="How long a lost track (not seen) is kept for re-association before it ends: "
         "frames (an integer, counted as frame periods, so skipped frames count) or seconds ('2.5s').",
     )
+    hidden_buffer: Optional[Union[int, str]] = Field(
+        None,
+        description="How long a lost track hidden behind another tracked object (its box lay on that object's "
+        "when it was lost) is kept: it follows that object and is looked for where it comes out. Frames or "
+        "seconds like track_buffer (null: 10 times track_buffer).",
+    )
     min_hits: int = Field(
         2, ge=1, le=100,
         description="Frames in a row a new track must be seen on before it is confirmed (gets an id and a 'new' event).",
@@ -109,9 +115,11 @@ class TrackerConfig(StageConfig):
         None, description="Keep each track's best-confidence picture as JPEG files (null: no snapshots)."
     )
 
-    @field_validator("track_buffer")
+    @field_validator("track_buffer", "hidden_buffer")
     @classmethod
-    def _buffer(cls, value: Union[int, str]) -> Union[int, str]:
+    def _buffer(cls, value: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+        if value is None:
+            return value
         if isinstance(value, bool):
             raise ValueError("expected frames (an integer) or seconds ('2.5s')")
         if isinstance(value, int):
@@ -133,11 +141,16 @@ class TrackerConfig(StageConfig):
             )
         return self
 
-    def buffer(self) -> Tuple[Optional[float], Optional[float]]:
-        """(frames, seconds): exactly one of them set."""
-        if isinstance(self.track_buffer, int):
-            return float(self.track_buffer), None
-        m = _SECONDS.match(self.track_buffer)
+    def buffer(self, hidden: bool = False) -> Tuple[Optional[float], Optional[float]]:
+        """(frames, seconds) of ``track_buffer`` (of ``hidden_buffer`` with ``hidden``, 10 times
+        track_buffer when that is null): exactly one of them set."""
+        value = self.hidden_buffer if hidden else self.track_buffer
+        if value is None:
+            frames, seconds = self.buffer()
+            return (None if frames is None else 10.0 * frames), (None if seconds is None else 10.0 * seconds)
+        if isinstance(value, int):
+            return float(value), None
+        m = _SECONDS.match(value)
         assert m is not None
         return None, float(m.group(1))
 
@@ -293,8 +306,8 @@ class TrackerStage(Processor):
         src.last = (frame.frame_id, frame.timestamp)
         return src.clock
 
-    def _buffer_frames(self, src: _Source) -> float:
-        frames, seconds = self.config.buffer()
+    def _buffer_frames(self, src: _Source, hidden: bool = False) -> float:
+        frames, seconds = self.config.buffer(hidden)
         if frames is not None:
             return frames
         assert seconds is not None
@@ -305,7 +318,8 @@ class TrackerStage(Processor):
         src = self._source(frame.source)
         clock = self._advance(src, frame)
         ids, lifecycle = src.tracker.step(frame.detections, clock, frame.timestamp, self._buffer_frames(src),
-                                         (frame.width, frame.height) if frame.width and frame.height else None)
+                                         (frame.width, frame.height) if frame.width and frame.height else None,
+                                         self._buffer_frames(src, hidden=True))
         frame.track_ids = ids
         names = src.names = frame.names or []
         events = list(frame.events)

@@ -6,10 +6,15 @@ in a second round to continue tracks whose object became hard to see (partly occ
 rather than letting those tracks die. Per frame:
 
 1. Every track's box is predicted to this frame by a constant-velocity Kalman filter
-   (:mod:`.kalman`), over the time that really passed (frame-id gaps count).
+   (:mod:`.kalman`), over the time that really passed (frame-id gaps count). A track hidden
+   behind another (step 7) keeps its own motion but is held inside its occluder's predicted box.
 2. High-confidence detections (``>= track_thresh``) are matched to confirmed tracks, lost ones
    included, by IoU with an optimal assignment (``scipy.optimize.linear_sum_assignment``; a
-   pair needs ``1 - IoU <= match_thresh``).
+   pair needs ``1 - IoU <= match_thresh``). With ``class_aware`` a detection of another class
+   than the track's pairs with it only at IoU >= 0.5 and at a higher cost (CLASS_PENALTY):
+   detectors waver between similar classes on one object (a shape half out of the frame, a
+   partly hidden one), and a new id each time would be an identity switch, while two objects of
+   different classes crossing keep their own tracks.
    2b. Confirmed tracks lost on earlier frames and still unmatched take the high detections
    left by the squared Mahalanobis distance of the box from their prediction, under the
    Kalman filter's own uncertainty, which grows the longer a track is lost (optimal
@@ -18,24 +23,39 @@ rather than letting those tracks die. Per frame:
    little off its predicted path no longer overlaps the prediction, the more so the smaller it
    is. Not for a track predicted mostly outside the frame (it left; whatever comes in there is
    another object), nor for a detection that duplicates one matched on this frame.
+   2c. Tracks hidden behind another take the high detections left that come out around their
+   occluder: the centre within the occluder's box grown by the hidden object's size, width and
+   height within a factor of 2 of its (the size it had lately, not the sliver seen as it went
+   behind), the same class with ``class_aware``; the nearest to where it is held first.
 3. Low-confidence detections (``low_thresh`` up to ``track_thresh``) are matched to the
-   confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``).
-4. With ``class_aware``, steps 2 and 3 only pair a detection with a track of its class; then
-   the confirmed tracks still unmatched may take a detection of another class that overlaps
-   them well (``IoU >= 0.5``): detectors waver between similar classes on one object (a shape
-   half out of the frame, a partly hidden one), and a new id each time would be an identity
-   switch.
-5. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
+   confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``),
+   other classes as in step 2.
+4. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
    left (``1 - IoU <= 0.7``); a tentative track that misses a frame is dropped.
-6. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
+   4b. A tentative track whose detection a lost confirmed track could be (within its step 2b
+   gate, or around its occluder for a hidden one), of whatever class, needs HOLD_HITS more
+   sightings to be confirmed: after missing an object for a while the detector often calls it
+   another class for a few frames, and the lost track then takes it back when it is called its
+   own class again, instead of a new id starting and ending around it (two switches).
+5. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
    60% or more of their box lies on a detection taken in this frame or on a confirmed track
    lost on this frame, one at most 2.5 times their size:
    that is the same object seen twice (as two classes, or a part of it), not a new one, and a
    new object coming out from behind a tracked one gets its track once it is mostly in view.
-7. A confirmed track unseen for longer than ``track_buffer`` ends.
+   Of two such new detections lying on each other the more confident one starts the track.
+6. A confirmed track unseen for longer than ``track_buffer`` ends; a hidden one, unseen for
+   longer than ``hidden_buffer`` since it was hidden.
+7. A confirmed track lost within the last HIDE_WINDOW frame periods whose predicted box lies
+   for half or more on the box of a confirmed track seen on this frame is hidden behind it
+   (unless the two boxes are about the same, IoU >= 0.6: one object seen twice). Motion and
+   overlap are all a 1-channel camera gives to go on, and an object that went behind another
+   can only be behind it until it comes out: kept there, it is not lost after track_buffer
+   however long the other one hides it. When the occluder's track ends, the hidden track
+   becomes a plain lost one.
 
-With ``class_aware`` (the default) a detection goes to a track of its class first, so two
-objects of different classes crossing each other keep their identities. A track's label is the
+With ``class_aware`` (the default) a detection goes to a track of its class unless it clearly is
+another track's object, so two objects of different classes crossing each other keep their
+identities. A track's label is the
 class with the most confidence summed over its detections; when that changes, an ``update``
 says so.
 
@@ -56,16 +76,25 @@ from .kalman import KalmanXYWH, xywh_to_xyxy, xyxy_to_xywh
 __all__ = ["ByteTracker", "Params", "Track", "ioa_matrix", "iou_matrix"]
 
 LOW_MATCH_THRESH = 0.5  # step 3: the low boxes must overlap well to continue a track
-CLASS_CHANGE_THRESH = 0.5  # step 4: another class continues a track only at IoU >= 0.5
-TENTATIVE_MATCH_THRESH = 0.7  # step 5: ByteTrack's value for unconfirmed tracks
-DUPLICATE_IOA = 0.6  # step 6: a detection lying this much on a tracked object is that object,
+CLASS_CHANGE_THRESH = 0.5  # steps 2, 3: another class continues a track only at IoU >= 0.5,
+CLASS_PENALTY = 0.3  # and that pair costs this much more than one of the track's class
+TENTATIVE_MATCH_THRESH = 0.7  # step 4: ByteTrack's value for unconfirmed tracks
+DUPLICATE_IOA = 0.6  # step 5: a detection lying this much on a tracked object is that object,
 DUPLICATE_AREA = 0.4  # unless it is less than this fraction of its size
 # step 2b: a lost track takes a high detection whose box lies in the 95% region of the box its
 # Kalman filter predicts (squared Mahalanobis distance below the chi-square quantile for 4 degrees
 # of freedom, the gate DeepSORT uses); the region grows the longer the track is lost
 RECOVER_GATE = 9.4877
 RECOVER_INSIDE = 0.5  # ...unless less than this fraction of its predicted box is in the frame
-
+EMERGE_SIZE = 2.0  # step 2c: width and height within this factor of the hidden object's
+SIZE_MEMORY = 0.97  # the object's size: the larger of the box seen and this times the last size
+HOLD_HITS = 3  # step 4b: more sightings for a new track where a lost one could be
+# step 7: a track lost within HIDE_WINDOW frame periods whose predicted box lies for HIDDEN_IOA
+# or more on a tracked object seen on the frame is hidden behind it, unless their IoU is
+# SAME_BOX_IOU or more (the same object, seen twice)
+HIDE_WINDOW = 6.0
+HIDDEN_IOA = 0.5
+SAME_BOX_IOU = 0.6
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(intersection (n, m), area of a (n,), area of b (m,)) of x1 y1 x2 y2 boxes."""
@@ -91,6 +120,14 @@ def _duplicates(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
     a small object in front of a big one is an object)."""
     ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
     return ((ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)).any(axis=1)
+
+
+def _without(indices: np.ndarray, drop: List[int]) -> np.ndarray:
+    """``indices`` without those in ``drop``, in order (a set: np.isin costs more on a few dozen)."""
+    if not drop:
+        return indices
+    gone = set(drop)
+    return indices[[i not in gone for i in indices.tolist()]]
 
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -133,7 +170,7 @@ class Track:
     row of the tracker's ``means`` and ``covs``."""
 
     __slots__ = (
-        "best_confidence", "box", "class_id", "confidence", "first_seen", "hits",
+        "behind", "best_confidence", "box", "class_id", "confidence", "first_seen", "hidden_for", "hits",
         "last_seen", "lost_for", "track_id", "votes",
     )
 
@@ -145,7 +182,9 @@ class Track:
         self.class_id = class_id
         self.votes: Dict[int, float] = {class_id: confidence}
         self.hits = 1  # frames it was matched on, in a row while tentative
-        self.lost_for = 0.0  # frame periods since it was last matched
+        self.lost_for = 0.0  # frame periods since it was last matched (not counting time hidden)
+        self.behind: Optional[Track] = None  # the tracked object it is hidden behind, if any
+        self.hidden_for = 0.0  # frame periods hidden behind it
         self.first_seen = timestamp
         self.last_seen = timestamp
 
@@ -156,13 +195,16 @@ Event = Tuple[str, Track, Dict[str, object]]
 class _Now:
     """One frame's view for the associations: the tracks' predicted states (``means`` (n, 8),
     ``covs`` (n, 3, 4)), their boxes (n, 4) and classes (n,), the detections' boxes (m, 4) and
-    classes (m,), and the IoU of every track with every detection (n, m), computed once."""
+    classes (m,), and the IoU of every track with every detection (n, m), computed once; ``sizes``
+    (n, 2), the width and height each track's object had lately (see ByteTracker.sizes)."""
 
-    __slots__ = ("boxes", "covs", "det_boxes", "det_cls", "iou", "means", "track_cls", "tracks")
+    __slots__ = ("boxes", "covs", "det_boxes", "det_cls", "iou", "means", "occluder", "sizes", "track_cls", "tracks")
 
-    def __init__(self, tracks: List[Track], means: np.ndarray, covs: np.ndarray, dets: np.ndarray) -> None:
+    def __init__(self, tracks: List[Track], means: np.ndarray, covs: np.ndarray, sizes: np.ndarray,
+                 occluder: np.ndarray, dets: np.ndarray) -> None:
         self.tracks = tracks
-        self.means, self.covs = means, covs
+        self.occluder = occluder  # (n,) the row of the track each one is hidden behind, -1 if none
+        self.means, self.covs, self.sizes = means, covs, sizes
         self.boxes = xywh_to_xyxy(means) if len(means) else np.zeros((0, 4))
         self.track_cls = np.array([t.class_id for t in tracks], np.int64)
         self.det_boxes = dets[:, :4].astype(np.float64)
@@ -170,24 +212,39 @@ class _Now:
         self.iou = iou_matrix(self.boxes, self.det_boxes)
 
     def associate(
-        self, candidates: np.ndarray, rows: np.ndarray, thresh: float, same_class: bool
+        self, candidates: np.ndarray, rows: np.ndarray, thresh: float, class_aware: bool
     ) -> Tuple[List[Tuple[int, int]], np.ndarray, np.ndarray]:
         """Optimal IoU assignment of the tracks ``candidates`` (indices) to detection ``rows``:
         (pairs (track index, row), tracks left, rows left), both in their given order. A pair
-        needs ``1 - IoU <= thresh`` (and the same class with ``same_class``)."""
+        needs ``1 - IoU <= thresh``; with ``class_aware``, a track and a detection of another
+        class pair only at IoU >= CLASS_CHANGE_THRESH and at a cost CLASS_PENALTY higher (so
+        two objects of different classes crossing keep their tracks, and a track still goes to
+        the detection that clearly is its object when the detector calls it another class)."""
         if not len(candidates) or not len(rows):
             return [], candidates, rows
-        cost = 1.0 - self.iou[np.ix_(candidates, rows)]
-        if same_class:
-            cost[self.track_cls[candidates][:, None] != self.det_cls[rows][None, :]] = 2.0
+        iou = self.iou[np.ix_(candidates, rows)]
+        if class_aware:
+            differ = self.track_cls[candidates][:, None] != self.det_cls[rows][None, :]
+            allowed = np.where(differ, iou >= CLASS_CHANGE_THRESH, iou >= 1.0 - thresh)
+            cost = np.where(allowed, 1.0 - iou + CLASS_PENALTY * differ, 3.0)
+        else:
+            allowed = iou >= 1.0 - thresh
+            cost = np.where(allowed, 1.0 - iou, 3.0)
         ti, di = linear_sum_assignment(cost)
-        ok = cost[ti, di] <= thresh
+        ok = allowed[ti, di]
         used_t = np.zeros(len(candidates), bool)
         used_t[ti[ok]] = True
         used_d = np.zeros(len(rows), bool)
         used_d[di[ok]] = True
         pairs = list(zip(candidates[ti[ok]].tolist(), rows[di[ok]].tolist()))
         return pairs, candidates[~used_t], rows[~used_d]
+
+    def distinct(self, rows: np.ndarray, taken: List[int]) -> np.ndarray:
+        """The detection ``rows`` that do not duplicate one of the rows ``taken`` (see
+        :func:`_duplicates`)."""
+        if not len(rows) or not taken:
+            return rows
+        return rows[~_duplicates(self.det_boxes[rows], self.det_boxes[taken])]
 
 
 class ByteTracker:
@@ -201,6 +258,10 @@ class ByteTracker:
         # The tracks' Kalman states, row k for tracks[k] (the filter works on all at once)
         self.means = np.zeros((0, 8))
         self.covs = np.zeros((0, 3, 4))
+        # Width and height of each track's whole object as seen lately: the larger of what is
+        # seen now and SIZE_MEMORY times what was (an object going behind another shrinks to its
+        # visible part in the detections; this remembers how big it is)
+        self.sizes = np.zeros((0, 2))
         self.clock: Optional[float] = None  # time of the last step, in frame periods
 
     def confirmed(self) -> List[Track]:
@@ -213,6 +274,7 @@ class ByteTracker:
         timestamp: float,
         buffer_frames: float,
         frame_size: Optional[Tuple[int, int]] = None,
+        hidden_frames: Optional[float] = None,
     ) -> Tuple[List[Optional[int]], List[Event]]:
         """Track the (n, 6) ``x1 y1 x2 y2 conf cls`` detections of one frame at time ``clock``
         (frame periods); ``timestamp`` is its capture time, ``buffer_frames`` how many periods a
@@ -222,6 +284,8 @@ class ByteTracker:
         track, {})``, ``("update", track, {"changed": ["label"]})``, ``("end", track,
         {"reason": "lost"})``."""
         p = self.params
+        if hidden_frames is None:
+            hidden_frames = 10.0 * buffer_frames
         dt = 1.0 if self.clock is None else max(0.0, clock - self.clock)
         self.clock = clock
         events: List[Event] = []
@@ -240,8 +304,10 @@ class ByteTracker:
             self.means, self.covs = self.kalman.predict(self.means, self.covs, dt)
             for t in tracks:
                 t.confidence = None
+        occluder = self._follow_occluders()
         means, covs = self.means, self.covs
-        now = _Now(tracks, means, covs, dets)
+        sizes = self.sizes
+        now = _Now(tracks, means, covs, sizes, occluder, dets)
 
         scores = dets[:, 4].astype(np.float64)
         classes = now.det_cls
@@ -255,36 +321,44 @@ class ByteTracker:
         tentative = np.array([k for k, t in enumerate(tracks) if t.track_id is None], np.int64)
         matched: List[Tuple[int, int]] = []  # (track index, detection row)
 
-        # 2. high detections <-> confirmed tracks (lost ones too); 4. then across classes
+        # 2. high detections <-> confirmed tracks (lost ones too), other classes only if clearly theirs
         pairs, left_tracks, left_high = now.associate(confirmed, high, p.match_thresh, p.class_aware)
         matched += pairs
-        if p.class_aware:
-            pairs, left_tracks, left_high = now.associate(left_tracks, left_high, CLASS_CHANGE_THRESH, False)
-            matched += pairs
-        # 2b. lost tracks <-> the high detections left, by distance from the prediction
-        pairs, left_tracks, left_high = self._recover(
-            now, left_tracks, left_high, p.class_aware, [d for _, d in matched], frame_size)
-        matched += pairs
-        # 3. low detections <-> confirmed tracks seen on the previous frame; 4. then across classes
+        # 2b. lost tracks <-> the high detections left, by distance from the prediction; 2c. tracks
+        # hidden behind another <-> those left around it. Neither takes a detection that duplicates
+        # one matched on this frame (the same object seen twice).
+        if len(left_high) and len(left_tracks):
+            near = now.distinct(left_high, [d for _, d in matched])
+            pairs, left_tracks = self._recover(now, left_tracks, near, p.class_aware, frame_size)
+            if pairs:
+                matched += pairs
+                near = now.distinct(_without(near, [d for _, d in pairs]), [d for _, d in pairs])
+            more, left_tracks = self._emerge(now, left_tracks, near, p.class_aware)
+            matched += more
+            pairs += more
+            if pairs:
+                left_high = _without(left_high, [d for _, d in pairs])
+        # 3. low detections <-> confirmed tracks seen on the previous frame
         recent = left_tracks[[tracks[k].lost_for == 0.0 for k in left_tracks.tolist()]]
-        pairs, recent, left_low = now.associate(recent, low, LOW_MATCH_THRESH, p.class_aware)
+        pairs, _, _ = now.associate(recent, low, LOW_MATCH_THRESH, p.class_aware)
         matched += pairs
-        if p.class_aware:
-            pairs, _, _ = now.associate(recent, left_low, CLASS_CHANGE_THRESH, False)
-            matched += pairs
-        # 5. tentative tracks <-> the high detections left
-        pairs, _, left_high = now.associate(tentative, left_high, TENTATIVE_MATCH_THRESH, False)
-        matched += pairs
+        unmatched = _without(left_tracks, [k for k, _ in pairs])  # the confirmed tracks left
+        # 4. tentative tracks <-> the high detections left; 4b. held back near a lost track
+        pending, _, left_high = now.associate(tentative, left_high, TENTATIVE_MATCH_THRESH, False)
+        matched += pending
+        held = self._held(now, pending, unmatched) if pending else set()
 
         if matched:
             ti = np.array([k for k, _ in matched])
             rows = np.array([d for _, d in matched])
-            means[ti], covs[ti] = self.kalman.update(means[ti], covs[ti], xyxy_to_xywh(dets[rows, :4]))
+            measured = xyxy_to_xywh(dets[rows, :4])
+            means[ti], covs[ti] = self.kalman.update(means[ti], covs[ti], measured)
+            sizes[ti] = np.maximum(SIZE_MEMORY * sizes[ti], measured[:, 2:4])
             confs, cls_list = scores.tolist(), classes.tolist()  # Python numbers: cheaper one by one
             for k, d in matched:
                 t = tracks[k]
                 self._seen(t, now.det_boxes[d], confs[d], cls_list[d], timestamp, events)
-                if t.track_id is None and t.hits >= p.min_hits:
+                if t.track_id is None and t.hits >= p.min_hits + (HOLD_HITS if k in held else 0):
                     self._confirm(t, events)
                 if t.track_id is not None:
                     ids[d] = t.track_id
@@ -294,6 +368,7 @@ class ByteTracker:
         survivors: List[Track] = []
         kept: List[int] = []  # their rows
         lost_now: List[int] = []  # confirmed tracks lost on this very frame
+        may_hide: List[int] = []  # confirmed tracks lost lately, not hidden (step 7)
         for k, t in enumerate(tracks):
             if seen[k]:
                 survivors.append(t)
@@ -301,17 +376,24 @@ class ByteTracker:
                 continue
             if t.track_id is None:
                 continue  # a tentative track that missed a frame is dropped (never published)
-            t.lost_for += dt
-            if t.lost_for > buffer_frames:
-                events.append(("end", t, {"reason": "lost"}))
-                continue
-            if t.lost_for <= dt:
-                lost_now.append(k)
+            if t.behind is not None:
+                t.hidden_for += dt
+                if t.hidden_for > hidden_frames:
+                    events.append(("end", t, {"reason": "lost"}))
+                    continue
+            else:
+                t.lost_for += dt
+                if t.lost_for > buffer_frames:
+                    events.append(("end", t, {"reason": "lost"}))
+                    continue
+                if t.lost_for <= dt:
+                    lost_now.append(k)
+                if t.lost_for <= HIDE_WINDOW:
+                    may_hide.append(k)
             survivors.append(t)
             kept.append(k)
-        means, covs = means[kept], covs[kept]
-
-        # 6. new tentative tracks from the high detections nobody took (and nothing tracked covers)
+        means, covs, sizes = means[kept], covs[kept], sizes[kept]
+        # 5. new tentative tracks from the high detections nobody took (and nothing tracked covers)
         fresh = [d for d in left_high.tolist() if scores[d] >= p.new_track_thresh]
         if fresh and (matched or lost_now):
             # Tracks lost on this very frame still have a trustworthy predicted box; older ones
@@ -319,50 +401,59 @@ class ByteTracker:
             known = np.concatenate([now.det_boxes[[d for _, d in matched]], now.boxes[lost_now]])
             same = _duplicates(now.det_boxes[fresh], known)
             fresh = [d for d, dup in zip(fresh, same.tolist()) if not dup]
+        if len(fresh) > 1:
+            # Two of them may be one new object (seen as two classes, or a part of it): the more
+            # confident one starts a track, the other is its duplicate.
+            kept_fresh: List[int] = []
+            for d in sorted(fresh, key=lambda d: -scores[d]):
+                if not kept_fresh or not _duplicates(now.det_boxes[[d]], now.det_boxes[kept_fresh])[0]:
+                    kept_fresh.append(d)
+            fresh = sorted(kept_fresh)
         if fresh:
             rows = np.array(fresh)
             new_means, new_covs = self.kalman.initiate(xyxy_to_xywh(dets[rows, :4]))
             means, covs = np.concatenate([means, new_means]), np.concatenate([covs, new_covs])
+            sizes = np.concatenate([sizes, new_means[:, 2:4]])
             for d in fresh:
                 t = Track(dets[d, :4].astype(np.float64), float(scores[d]), int(classes[d]), timestamp)
                 if p.min_hits <= 1:
                     self._confirm(t, events)
                     ids[d] = t.track_id
                 survivors.append(t)
-        self.tracks, self.means, self.covs = survivors, means, covs
+        # 7. a track lost under a tracked object seen on this frame is hidden behind it
+        if may_hide:
+            self._hide(now, matched, may_hide)
+        self.tracks, self.means, self.covs, self.sizes = survivors, means, covs, sizes
         return ids, events
 
     def end_all(self) -> List[Track]:
         """Forget every track; the confirmed ones, which had been announced, are returned."""
         done = self.confirmed()
         self.tracks = []
-        self.means, self.covs = self.means[:0], self.covs[:0]
+        self.means, self.covs, self.sizes = self.means[:0], self.covs[:0], self.sizes[:0]
         return done
 
     def _recover(
-        self, now: _Now, candidates: np.ndarray, rows: np.ndarray, same_class: bool, taken: List[int],
+        self, now: _Now, candidates: np.ndarray, near: np.ndarray, same_class: bool,
         frame_size: Optional[Tuple[int, int]],
-    ) -> Tuple[List[Tuple[int, int]], np.ndarray, np.ndarray]:
-        """Step 2b: the lost ones among the tracks ``candidates`` (indices) <-> detection
-        ``rows`` by the squared Mahalanobis distance of the box from the track's prediction
-        (optimal assignment, gated at RECOVER_GATE): (pairs, tracks left, rows left). IoU with
+    ) -> Tuple[List[Tuple[int, int]], np.ndarray]:
+        """Step 2b: the lost ones among the tracks ``candidates`` (indices) <-> detection rows
+        ``near`` by the squared Mahalanobis distance of the box from the track's prediction
+        (optimal assignment, gated at RECOVER_GATE): (pairs, tracks left). IoU with
         the prediction (step 2) misses an object that comes out of hiding a little off its
         predicted path, the more so the smaller it is; the filter's own uncertainty, which grows
         while the track is lost, says how far off is still the same object. Left out: tracks
         predicted mostly outside the frame (they left it; an object coming in there is another
-        one) and detections that duplicate one already matched on this frame (rows ``taken``:
-        the same object seen twice)."""
-        lost = candidates[[now.tracks[k].lost_for > 0 for k in candidates.tolist()]]
+        one), and tracks hidden behind another (step 2c)."""
+        lost = candidates[np.array([now.tracks[k].lost_for > 0 for k in candidates.tolist()], bool)
+                          & (now.occluder[candidates] < 0)]
         if len(lost) and frame_size is not None:
             w, h = frame_size
             boxes = now.boxes[lost]
             inside = _area(np.clip(boxes, 0, [w, h, w, h])) / np.maximum(_area(boxes), 1e-12)
             lost = lost[inside >= RECOVER_INSIDE]
-        near = rows
-        if len(lost) and len(rows) and taken:
-            near = rows[~_duplicates(now.det_boxes[rows], now.det_boxes[taken])]
         if not len(lost) or not len(near):
-            return [], candidates, rows
+            return [], candidates
         cost = self.kalman.gating_distance(now.means[lost], now.covs[lost], xyxy_to_xywh(now.det_boxes[near]))
         if same_class:
             cost[now.track_cls[lost][:, None] != now.det_cls[near][None, :]] = np.inf
@@ -370,11 +461,114 @@ class ByteTracker:
         ti, di = linear_sum_assignment(cost)
         ok = cost[ti, di] <= RECOVER_GATE
         pairs = list(zip(lost[ti[ok]].tolist(), near[di[ok]].tolist()))
-        return pairs, candidates[~np.isin(candidates, lost[ti[ok]])], rows[~np.isin(rows, near[di[ok]])]
+        return pairs, _without(candidates, lost[ti[ok]].tolist())
+
+    def _follow_occluders(self) -> np.ndarray:
+        """Step 1 for hidden tracks: each keeps its own motion but cannot be anywhere but behind
+        its occluder while unseen, so its predicted centre is held inside the occluder's
+        predicted box, and its uncertainty is that of a new track (it does not grow while it is
+        hidden). A track whose occluder ended is a plain lost track again. Returns the row of
+        each track's occluder (-1: none)."""
+        tracks = self.tracks
+        occluder = np.full(len(tracks), -1, np.int64)
+        for k, t in enumerate(tracks):
+            if t.behind is not None:
+                try:
+                    occluder[k] = tracks.index(t.behind)  # by identity: tracks have no __eq__
+                except ValueError:
+                    t.behind = None
+        ks = np.flatnonzero(occluder >= 0)
+        if len(ks):
+            occ = self.means[occluder[ks], :4]
+            half = occ[:, 2:4] / 2
+            centre = self.means[ks, 0:2]
+            self.means[ks, 0:2] = np.minimum(np.maximum(centre, occ[:, 0:2] - half), occ[:, 0:2] + half)
+            self.covs[ks] = self.kalman.initial_covs(self.means[ks])
+        return occluder
+
+    @staticmethod
+    def _around(now: _Now, hidden: np.ndarray, rows: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Which detection ``rows`` could be the hidden tracks ``hidden`` coming out from behind
+        their occluders ((h, m) bool: the centre within the occluder's predicted box grown by the
+        track's size, width and height within EMERGE_SIZE of its), and a cost for each pair: the
+        distance from the track's held prediction in units of the occluder's size plus the
+        track's, and the size difference."""
+        occ = now.boxes[now.occluder[hidden]]  # (h, 4)
+        size = np.maximum(now.sizes[hidden], 1.0)[:, None, :]  # (h, 1, 2)
+        z = xyxy_to_xywh(now.det_boxes[rows])[None, :, :]  # (1, m, 4)
+        inside = ((z[..., 0:2] >= occ[:, None, 0:2] - size) & (z[..., 0:2] <= occ[:, None, 2:4] + size)).all(-1)
+        ratio = np.maximum(z[..., 2:4], 1.0) / size
+        ok = inside & ((ratio >= 1.0 / EMERGE_SIZE) & (ratio <= EMERGE_SIZE)).all(-1)
+        d = (z[..., 0:2] - now.means[hidden][:, None, 0:2]) / ((occ[:, None, 2:4] - occ[:, None, 0:2]) + size)
+        return ok, (d * d).sum(-1) + (np.log(ratio) ** 2).sum(-1)
+
+    def _emerge(
+        self, now: _Now, candidates: np.ndarray, near: np.ndarray, same_class: bool,
+    ) -> Tuple[List[Tuple[int, int]], np.ndarray]:
+        """Step 2c: the hidden ones among the tracks ``candidates`` <-> detection rows ``near`` that
+        come out around their occluder: the detection's centre within the occluder's predicted
+        box grown by the hidden track's size, its width and height within EMERGE_SIZE of the
+        track's (and its class, with ``same_class``); optimal assignment by the distance from
+        the track's held prediction, in units of the occluder's size plus the track's."""
+        hidden = candidates[now.occluder[candidates] >= 0]
+        if not len(hidden) or not len(near):
+            return [], candidates
+        ok, cost = self._around(now, hidden, near)
+        if same_class:
+            ok &= now.track_cls[hidden][:, None] == now.det_cls[near][None, :]
+        if not ok.any():
+            return [], candidates
+        cost = np.where(ok, cost, 1e6)
+        ti, di = linear_sum_assignment(cost)
+        good = cost[ti, di] < 1e6
+        pairs = list(zip(hidden[ti[good]].tolist(), near[di[good]].tolist()))
+        return pairs, _without(candidates, hidden[ti[good]].tolist())
+
+    def _held(self, now: _Now, pending: List[Tuple[int, int]], unmatched: np.ndarray) -> set:
+        """Step 4b: the tentative tracks matched in step 4 (``pending``) whose detection a
+        confirmed track lost on an earlier frame and still ``unmatched`` could be (within its
+        recovery gate, or around its occluder, whatever the class): they need
+        HOLD_HITS more sightings to be confirmed, so that an object the detector calls another
+        class for a few frames after losing it is taken back by its own track instead of
+        getting a new id."""
+        hidden = unmatched[now.occluder[unmatched] >= 0]
+        lost = unmatched[np.array([now.tracks[k].lost_for > 0 for k in unmatched.tolist()], bool)
+                         & (now.occluder[unmatched] < 0)]
+        rows = np.array([d for _, d in pending], np.int64)
+        near = np.zeros(len(pending), bool)
+        if len(lost):
+            z = xyxy_to_xywh(now.det_boxes[rows])
+            near |= (self.kalman.gating_distance(now.means[lost], now.covs[lost], z) <= RECOVER_GATE).any(axis=0)
+        if len(hidden):
+            near |= self._around(now, hidden, rows)[0].any(axis=0)
+        return {k for (k, _), n in zip(pending, near.tolist()) if n}
+
+    def _hide(self, now: _Now, matched: List[Tuple[int, int]], lost: List[int]) -> None:
+        """Step 7: a confirmed track (of ``lost``: lost for at most HIDE_WINDOW periods, not
+        hidden) whose predicted box
+        lies for HIDDEN_IOA or more on the box of a confirmed track seen on this frame is hidden
+        behind it (the one it lies on most), unless their boxes are about the same (IoU >=
+        SAME_BOX_IOU: that is one object seen twice, as two classes, not one behind another)."""
+        occluders = [(k, d) for k, d in matched if now.tracks[k].track_id is not None]
+        if not occluders:
+            return
+        inter, area_lost, area_occ = _overlap(now.boxes[lost], now.det_boxes[[d for _, d in occluders]])
+        ioa = inter / np.maximum(area_lost[:, None], 1e-12)
+        iou = inter / np.maximum(area_lost[:, None] + area_occ[None, :] - inter, 1e-12)
+        ioa[iou >= SAME_BOX_IOU] = 0.0
+        best = ioa.argmax(axis=1)
+        for k, j, v in zip(lost, best.tolist(), ioa[np.arange(len(lost)), best].tolist()):
+            if v >= HIDDEN_IOA:
+                t = now.tracks[k]
+                t.behind = now.tracks[occluders[j][0]]
+                t.hidden_for = 0.0
 
     def _seen(self, t: Track, box: np.ndarray, conf: float, cls: int, timestamp: float, events: List[Event]) -> None:
         t.hits += 1
         t.lost_for = 0.0
+        t.behind = None
+        t.hidden_for = 0.0
+
         t.box = box
         t.confidence = conf
         t.best_confidence = max(t.best_confidence, conf)

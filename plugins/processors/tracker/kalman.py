@@ -59,11 +59,15 @@ class KalmanXYWH:
         """New tracks at measured boxes (k, 4): rate 0 with a wide uncertainty."""
         z = np.asarray(boxes_xywh, np.float64).reshape(-1, 4)
         means = np.concatenate([z, np.zeros_like(z)], axis=1)
+        return means, self.initial_covs(means)
+
+    def initial_covs(self, means: np.ndarray) -> np.ndarray:
+        """The uncertainty of new tracks at states ``means`` (k, >=4): wide, uncorrelated."""
         sides = self._sides(means)
-        covs = np.zeros((len(z), 3, 4))
+        covs = np.zeros((len(means), 3, 4))
         covs[:, 0] = (2 * self.std_position * sides) ** 2
         covs[:, 2] = (10 * self.std_velocity * sides) ** 2
-        return means, covs
+        return covs
 
     def predict(self, means: np.ndarray, covs: np.ndarray, dt: float) -> Tuple[np.ndarray, np.ndarray]:
         """Every state ``dt`` frame periods ahead (dt may be fractional or larger than 1)."""

@@ -116,6 +116,75 @@ def test_a_small_object_hidden_for_a_while_keeps_its_id_when_it_comes_out_off_it
         assert ids[26:] == [expected] * 4, (off, ids)
 
 
+def behind(i: int, comes_out: bool = True) -> List[List[float]]:
+    """A 16 px circle moving 3 px per frame along y 130, and an 80 px square moving 1 px per
+    frame in front of it: the circle is detected until half of it is covered (frame 45), hidden
+    for 40 frames, and detected again from frame 86 once it is out on the other side."""
+    square = [200.0 + i, 100, 280.0 + i, 180, 0.95, 1]
+    x = 100.0 + 3 * i
+    seen = x + 8 < square[0] or (comes_out and x + 8 > square[2])
+    return [square] + ([[x, 130, x + 16, 146, 0.9, 0]] if seen else [])
+
+
+def test_an_object_hidden_behind_another_for_longer_than_track_buffer_keeps_its_id():
+    # 40 frames hidden is longer than track_buffer (30): as a plain lost track it would end and
+    # come out with a new id. Lost while its box lies on the square's, it is hidden behind the
+    # square: it is kept for hidden_buffer (10 times track_buffer), held inside the square's box,
+    # and takes the circle that comes out around it.
+    for hidden_buffer, same in ((None, True), (20, False)):
+        t = tracker(hidden_buffer=hidden_buffer)
+        circle: List[Optional[int]] = []
+        ends = []
+        for i in range(95):
+            f = frame(i, behind(i))
+            t.process([f])
+            if len(f.detections) == 2:
+                circle.append(f.track_ids[1])
+            ends += [(i, e["track_id"]) for e in f.events if e["type"] == "end"]
+        first, last = circle[1], circle[-1]
+        assert first is not None and last is not None and circle[1:46] == [first] * 45, circle
+        assert (last == first) is same, (hidden_buffer, circle)
+        if same:
+            assert ends == []
+        else:  # hidden for longer than hidden_buffer (20): ended as lost, 20 periods after it hid
+            assert [tid for _, tid in ends] == [first] and 60 <= ends[0][0] <= 75, ends
+
+
+def test_a_hidden_object_that_never_comes_out_ends_after_hidden_buffer():
+    # Lost on frame 46 and hidden behind the square from then on: it ends 60 periods (6 s at
+    # 10 fps) later, not after track_buffer (30) as a plain lost track would.
+    t = tracker(hidden_buffer="6s")
+    events = []
+    for i in range(130):
+        f = frame(i, behind(i, comes_out=False))
+        t.process([f])
+        events += [(i, e["type"], e["track_id"], e.get("reason")) for e in f.events]
+    circle_end = [e for e in events if e[1] == "end"]
+    assert len(circle_end) == 1 and circle_end[0][3] == "lost" and 100 <= circle_end[0][0] <= 112, events
+
+
+def test_an_object_called_another_class_for_a_few_frames_after_it_was_lost_keeps_its_id():
+    # The circle of the test above (a 16 px circle, 3 px per frame) is not seen for 15 frames and
+    # comes back 10 px off its predicted path, as a square for two frames and then as a circle
+    # again. The square cannot continue the circle's track (class_aware), but it lies where the
+    # lost track could be: it needs more sightings before it is confirmed, and the circle's
+    # own track takes the circle back first. No second id, no switch.
+    def seen(i: int) -> List[List[float]]:
+        if 10 <= i < 25:
+            return []
+        x = 100 + 3.0 * i + (10 if i >= 25 else 0)
+        return [[x, 100, x + 16, 116, 0.9, 1 if i in (25, 26) else 0]]
+
+    t = tracker()
+    ids = []
+    for i in range(35):
+        f = frame(i, seen(i))
+        t.process([f])
+        ids += [x for x in f.track_ids if x is not None]
+    assert set(ids) == {1}, ids
+    assert ids[-5:] == [1] * 5
+
+
 def test_an_object_coming_in_where_another_left_the_frame_gets_a_new_id():
     # A 30 px square leaves through the left edge at 2 px per frame, detected until 12 px of it
     # are left in the picture (frame 39); 10 frames later another square comes in at the same
@@ -162,6 +231,7 @@ def test_a_restarted_tracker_continues_the_ids_and_ends_the_open_tracks(tmp_path
 @pytest.mark.parametrize("options, path", [
     ({"track_buffer": "3 minutes"}, "track_buffer"),
     ({"track_buffer": -1}, "track_buffer"),
+    ({"hidden_buffer": "forever"}, "hidden_buffer"),
     ({"low_thresh": 0.6, "track_thresh": 0.5}, "low_thresh"),
     ({"clock": "wall"}, "clock"),
     ({"snapshots": {"dir": "/tmp/x", "max_bytes": 10}}, "snapshots.max_bytes"),
@@ -187,10 +257,12 @@ def test_track_buffer_in_seconds_follows_the_frame_rate():
 @pytest.mark.slow
 def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_frame_dropped():
     """The issue's goal is IDF1 >= 0.90 and at most 1 ID switch per 100 ground-truth tracks.
-    IDF1 is reached. These three scenes have no switch at either rate; the six benchmark scenes
-    have a few (benchmarks/README.md: 7.8 and 4.8 per 100 tracks, each one explained there:
-    the detector splitting, merging or not seeing an object for longer than track_buffer), so
-    this holds them to at most one switch in the 27 tracks here, to catch it getting worse."""
+    IDF1 is reached. These three scenes have no switch at either rate; over 98 scenes there are
+    2.2 and 1.9 per 100 tracks (benchmarks/README.md, each kind explained there: the detector
+    splitting an object at the frame edge into parts, calling a long-hidden object another class,
+    or not seeing one for longer than track_buffer), so this holds them to at most one switch in
+    the 27 tracks here, to catch it getting worse; test_tracking_in_hard_scenes below looks at
+    the scenes where the tracker's own rules matter."""
     from benchmarks import bench_tracking as b
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 200) for seed in (101, 102, 103)]
@@ -202,6 +274,26 @@ def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_fram
         assert r["mota"] >= 0.80, (rate, r)
         assert r["switches_per_100_tracks"] <= 4.0, (rate, r)
 
+
+
+@pytest.mark.slow
+def test_tracking_in_hard_scenes():
+    """Three scenes where the tracker's own rules decide (benchmarks/README.md traces them): in
+    313 two objects stay hidden behind others for longer than track_buffer and come out, in 208
+    a small object lost for 2 s comes back called another class for two frames, and in 338 the
+    detector sees one object as two classes from its first frame. Tracked the way this module
+    used to (a hidden object ends after track_buffer, a new id starts on the other class, both
+    detections start tracks) that is 5 ID switches; now none (at most one is let pass, for
+    another CPU's rounding in the detector)."""
+    from benchmarks import bench_tracking as b
+
+    scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 300) for seed in (208, 313, 338)]
+    result = b.accuracy(scenes)
+    print(result)
+    r = result["10fps"]
+    assert r["ground_truth_tracks"] >= 25, r
+    assert r["id_switches"] <= 1, r
+    assert r["idf1"] >= 0.90, r
 
 def pictured(i: int, conf: float, x: float = 40.0) -> Frame:
     img = np.full((240, 320), 80, np.uint8)
