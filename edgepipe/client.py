@@ -154,8 +154,8 @@ class EventMessage(BaseModel):
     )
     reason: Optional[Literal["lost", "restarted"]] = Field(
         None,
-        description="end: 'lost' (not seen for track_buffer), 'restarted' (the tracker's worker "
-        "restarted, see docs/guarantees.md).",
+        description="end: 'lost' (not seen for track_buffer, or for hidden_buffer once hidden behind another "
+        "object), 'restarted' (the tracker's worker restarted, see docs/guarantees.md).",
     )
     zone: Optional[str] = Field(None, description="enter, leave, loiter: the zone.")
     line: Optional[str] = Field(None, description="cross: the line.")
