@@ -31,12 +31,19 @@ rather than letting those tracks die. Per frame:
    confirmed tracks still unmatched that were seen on the previous frame (``1 - IoU <= 0.5``),
    other classes as in step 2.
 4. Tentative tracks (seen on fewer than ``min_hits`` frames) are matched to the high detections
-   left (``1 - IoU <= 0.7``); a tentative track that misses a frame is dropped.
+   left (``1 - IoU <= 0.7``), except a detection lying for 60% or more on one matched to a
+   confirmed track on this frame (the same object seen twice, as step 5 says); a tentative track
+   that misses a frame is dropped.
    4b. A tentative track whose detection a lost confirmed track could be (within its step 2b
-   gate, or around its occluder for a hidden one), of whatever class, needs HOLD_HITS more
-   sightings to be confirmed: after missing an object for a while the detector often calls it
-   another class for a few frames, and the lost track then takes it back when it is called its
-   own class again, instead of a new id starting and ending around it (two switches).
+   gate, its predicted box lying for 60% or more on the detection, or around its occluder for
+   a hidden one), of whatever class, needs HOLD_HITS more sightings to be confirmed: after
+   missing an object for a while the detector often calls it another class, or sees all of it
+   where it saw a part, and the lost track takes it back when it is called its own class again.
+   If that does not happen, the lost track takes the tentative one's detection (and its
+   motion) once it has had those sightings, provided the two move alike (velocities within
+   half the faster speed, or a twentieth of the object's size per frame period, and not
+   opposite ways): a new object that is really there moves its own way. Either way no new id starts and ends around an
+   object that already had one (two identity switches).
 5. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
    60% or more of their box lies on a detection taken in this frame or on a confirmed track
    lost on this frame, one at most 2.5 times their size:
@@ -88,7 +95,13 @@ RECOVER_GATE = 9.4877
 RECOVER_INSIDE = 0.5  # ...unless less than this fraction of its predicted box is in the frame
 EMERGE_SIZE = 2.0  # step 2c: width and height within this factor of the hidden object's
 SIZE_MEMORY = 0.97  # the object's size: the larger of the box seen and this times the last size
-HOLD_HITS = 3  # step 4b: more sightings for a new track where a lost one could be
+HOLD_HITS = 3  # step 4b: more sightings for a new track where a lost one could be,
+# after which the lost one takes it if their velocities agree: differ by at most this fraction of
+# the faster one's speed, or this fraction of the object's size per frame period (slow objects)
+ADOPT_SPEED_FRACTION = 0.5
+ADOPT_SIZE_FRACTION = 0.05
+# ...and they do not go opposite ways (both moving at least this fraction of its size per period)
+ADOPT_MOVING = 0.005
 # step 7: a track lost within HIDE_WINDOW frame periods whose predicted box lies for HIDDEN_IOA
 # or more on a tracked object seen on the frame is hidden behind it, unless their IoU is
 # SAME_BOX_IOU or more (the same object, seen twice)
@@ -343,10 +356,24 @@ class ByteTracker:
         pairs, _, _ = now.associate(recent, low, LOW_MATCH_THRESH, p.class_aware)
         matched += pairs
         unmatched = _without(left_tracks, [k for k, _ in pairs])  # the confirmed tracks left
-        # 4. tentative tracks <-> the high detections left; 4b. held back near a lost track
+        # 4. tentative tracks <-> the high detections left, unless that detection is an object
+        # tracked on this frame seen twice; 4b. held back near a lost track, or taken by it
         pending, _, left_high = now.associate(tentative, left_high, TENTATIVE_MATCH_THRESH, False)
+        if pending and matched:
+            twice = _duplicates(now.det_boxes[[d for _, d in pending]], now.det_boxes[[d for _, d in matched]])
+            pending = [pair for pair, dup in zip(pending, twice.tolist()) if not dup]
+        held: set = set()
+        if pending and len(unmatched):
+            held, adopted = self._held(now, pending, unmatched)
+            for k, lost in adopted.items():
+                # The lost track goes on from the tentative one's state, which has followed the
+                # object lately (its own prediction is older), and counts its class votes.
+                means[lost], covs[lost] = means[k], covs[k]
+                sizes[lost] = np.maximum(sizes[lost], sizes[k])
+                for c, v in tracks[k].votes.items():
+                    tracks[lost].votes[c] = tracks[lost].votes.get(c, 0.0) + v
+            pending = [(adopted.get(k, k), d) for k, d in pending]
         matched += pending
-        held = self._held(now, pending, unmatched) if pending else set()
 
         if matched:
             ti = np.array([k for k, _ in matched])
@@ -524,24 +551,54 @@ class ByteTracker:
         pairs = list(zip(hidden[ti[good]].tolist(), near[di[good]].tolist()))
         return pairs, _without(candidates, hidden[ti[good]].tolist())
 
-    def _held(self, now: _Now, pending: List[Tuple[int, int]], unmatched: np.ndarray) -> set:
-        """Step 4b: the tentative tracks matched in step 4 (``pending``) whose detection a
-        confirmed track lost on an earlier frame and still ``unmatched`` could be (within its
-        recovery gate, or around its occluder, whatever the class): they need
-        HOLD_HITS more sightings to be confirmed, so that an object the detector calls another
-        class for a few frames after losing it is taken back by its own track instead of
-        getting a new id."""
-        hidden = unmatched[now.occluder[unmatched] >= 0]
-        lost = unmatched[np.array([now.tracks[k].lost_for > 0 for k in unmatched.tolist()], bool)
-                         & (now.occluder[unmatched] < 0)]
+    def _held(self, now: _Now, pending: List[Tuple[int, int]], unmatched: np.ndarray) -> Tuple[set, Dict[int, int]]:
+        """Step 4b: the tentative tracks matched in step 4 (``pending``) whose detection one of
+        the confirmed tracks ``unmatched`` could be, whatever the class: one lost on an earlier
+        frame (the detection within its recovery gate, or its predicted box lying for
+        DUPLICATE_IOA or more on the detection: it was following a part of that object), or one
+        hidden (the detection around its occluder). Such a tentative track needs HOLD_HITS more
+        sightings to be confirmed. When it has them, the nearest of those tracks whose
+        velocity agrees with it takes its detection instead (ADOPT_SPEED_FRACTION,
+        ADOPT_SIZE_FRACTION, ADOPT_MOVING): after missing an object for a while the detector often sees it
+        anew as another class or as a bigger box, and a new id there would be an identity
+        switch; a new object that is really there moves its own way. Returns (the tentative
+        tracks held, {tentative track: the confirmed track that takes its detection})."""
         rows = np.array([d for _, d in pending], np.int64)
-        near = np.zeros(len(pending), bool)
-        if len(lost):
-            z = xyxy_to_xywh(now.det_boxes[rows])
-            near |= (self.kalman.gating_distance(now.means[lost], now.covs[lost], z) <= RECOVER_GATE).any(axis=0)
-        if len(hidden):
-            near |= self._around(now, hidden, rows)[0].any(axis=0)
-        return {k for (k, _), n in zip(pending, near.tolist()) if n}
+        cost = np.full((len(unmatched), len(pending)), np.inf)  # inf: cannot be its object
+        hidden = now.occluder[unmatched] >= 0
+        lost = np.array([now.tracks[k].lost_for > 0 for k in unmatched.tolist()], bool) & ~hidden
+        if lost.any():
+            ks = unmatched[lost]
+            gate = self.kalman.gating_distance(now.means[ks], now.covs[ks], xyxy_to_xywh(now.det_boxes[rows]))
+            part = ioa_matrix(now.boxes[ks], now.det_boxes[rows])
+            cost[lost] = np.minimum(np.where(gate <= RECOVER_GATE, gate / RECOVER_GATE, np.inf),
+                                    np.where(part >= DUPLICATE_IOA, 1.0 - part, np.inf))
+        if hidden.any():
+            ok, around = self._around(now, unmatched[hidden], rows)
+            cost[hidden] = np.where(ok, around, np.inf)
+        near = np.isfinite(cost).any(axis=0)
+        held = {k for (k, _), n in zip(pending, near.tolist()) if n}
+        adopted: Dict[int, int] = {}
+        ready = self.params.min_hits + HOLD_HITS - 1  # sightings before this one
+        velocity = now.means[unmatched, 4:6]
+        speed = np.hypot(velocity[:, 0], velocity[:, 1])
+        side = now.sizes[unmatched].max(axis=1)
+        for j in np.argsort(cost.min(axis=0), kind="stable").tolist():
+            k = pending[j][0]
+            if not near[j] or now.tracks[k].hits < ready:
+                continue
+            v = now.means[k, 4:6]
+            v_speed = float(np.hypot(v[0], v[1]))
+            differ = np.hypot(velocity[:, 0] - v[0], velocity[:, 1] - v[1])
+            agree = differ <= np.maximum(ADOPT_SPEED_FRACTION * np.maximum(speed, v_speed), ADOPT_SIZE_FRACTION * side)
+            moving = ADOPT_MOVING * side
+            agree &= ~((speed >= moving) & (v_speed >= moving) & (velocity @ v <= 0))  # opposite ways
+            col = np.where(agree, cost[:, j], np.inf)
+            i = int(col.argmin())
+            if np.isfinite(col[i]):
+                adopted[k] = int(unmatched[i])
+                cost[i, :] = np.inf  # one tentative track each
+        return held, adopted
 
     def _hide(self, now: _Now, matched: List[Tuple[int, int]], lost: List[int]) -> None:
         """Step 7: a confirmed track (of ``lost``: lost for at most HIDE_WINDOW periods, not

@@ -185,6 +185,74 @@ def test_an_object_called_another_class_for_a_few_frames_after_it_was_lost_keeps
     assert ids[-5:] == [1] * 5
 
 
+def run_ids(boxes_of, frames: int) -> List[List[Optional[int]]]:
+    t = tracker()
+    out = []
+    for i in range(frames):
+        f = frame(i, boxes_of(i))
+        t.process([f])
+        out.append(list(f.track_ids))
+    return out
+
+
+def test_an_object_seen_again_as_another_class_for_good_keeps_its_id():
+    # A 16 px circle at 3 px per frame is not seen for 15 frames and comes back 10 px off its
+    # predicted path called a square, and stays a square. The square's new track lies where the
+    # lost circle's could be and moves the same way: once it has been held back for HOLD_HITS
+    # sightings, the circle's track takes it over instead of a second id (a switch).
+    def seen(i: int) -> List[List[float]]:
+        if 10 <= i < 25:
+            return []
+        x = 100 + 3.0 * i + (10 if i >= 25 else 0)
+        return [[x, 100, x + 16, 116, 0.9, 1 if i >= 25 else 0]]
+
+    ids = [x for row in run_ids(seen, 45) for x in row if x is not None]
+    assert set(ids) == {1}, ids
+    assert ids[-10:] == [1] * 10
+
+
+def test_a_new_object_moving_its_own_way_where_one_was_lost_gets_a_new_id():
+    # A 16 px circle going right at 1 px per frame is lost on frame 10; on frame 14 a square
+    # comes in 6 px below where the circle's track is predicted and goes down at 1 px per frame,
+    # staying where the circle could be for as long as it is held back: but it moves its own
+    # way, so it is another object, with an id of its own (the circle's track would take it
+    # over if velocities were not compared).
+    def seen(i: int) -> List[List[float]]:
+        boxes = []
+        if i < 10:
+            x = 100 + 1.0 * i
+            boxes.append([x, 100, x + 16, 116, 0.9, 0])
+        if i >= 14:
+            y = 106 + 1.0 * (i - 14)
+            boxes.append([114, y, 130, y + 16, 0.9, 1])
+        return boxes
+
+    rows = run_ids(seen, 30)
+    assert set(rows[5]) == {1}, rows
+    assert rows[-1] == [2], rows
+
+
+def test_a_second_detection_of_a_tracked_object_starts_no_track():
+    # A 20 px square is not seen for 4 frames; then the detector sees a triangle a little off
+    # it (which continues no track: another class, overlapping too little) and from the next
+    # frame both the square, which its track takes back, and the triangle. The triangle's
+    # tentative track lies on a tracked object: it is the same object seen twice, not confirmed.
+    def seen(i: int) -> List[List[float]]:
+        x = 100 + 2.0 * i
+        square = [x, 200, x + 20, 220, 0.9, 1]
+        triangle = [x + 6, 202, x + 26, 222, 0.7, 2]
+        if i < 8:
+            return [square]
+        if i < 12:
+            return []
+        if i == 12:
+            return [triangle]
+        return [square, triangle]
+
+    ids = {x for row in run_ids(seen, 30) for x in row if x is not None}
+    assert ids == {1}, ids
+
+
 def test_an_object_coming_in_where_another_left_the_frame_gets_a_new_id():
     # A 30 px square leaves through the left edge at 2 px per frame, detected until 12 px of it
     # are left in the picture (frame 39); 10 frames later another square comes in at the same
@@ -258,11 +326,11 @@ def test_track_buffer_in_seconds_follows_the_frame_rate():
 def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_frame_dropped():
     """The issue's goal is IDF1 >= 0.90 and at most 1 ID switch per 100 ground-truth tracks.
     IDF1 is reached. These three scenes have no switch at either rate; over 98 scenes there are
-    2.2 and 1.9 per 100 tracks (benchmarks/README.md, each kind explained there: the detector
-    splitting an object at the frame edge into parts, calling a long-hidden object another class,
-    or not seeing one for longer than track_buffer), so this holds them to at most one switch in
-    the 27 tracks here, to catch it getting worse; test_tracking_in_hard_scenes below looks at
-    the scenes where the tracker's own rules matter."""
+    1.4 and 1.5 per 100 tracks (benchmarks/README.md, each kind explained there: mostly the
+    detector merging two overlapping objects into one box, or seeing parts of one at the frame
+    edge as several), so this holds them to at most one switch in the 27 tracks here, to catch
+    it getting worse; test_tracking_in_hard_scenes below looks at the scenes where the tracker's
+    own rules matter."""
     from benchmarks import bench_tracking as b
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 200) for seed in (101, 102, 103)]
@@ -278,20 +346,25 @@ def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_fram
 
 @pytest.mark.slow
 def test_tracking_in_hard_scenes():
-    """Three scenes where the tracker's own rules decide (benchmarks/README.md traces them): in
-    313 two objects stay hidden behind others for longer than track_buffer and come out, in 208
-    a small object lost for 2 s comes back called another class for two frames, and in 338 the
-    detector sees one object as two classes from its first frame. Tracked the way this module
-    used to (a hidden object ends after track_buffer, a new id starts on the other class, both
-    detections start tracks) that is 5 ID switches; now none (at most one is let pass, for
-    another CPU's rounding in the detector)."""
+    """Scenes where the tracker's own rules decide (benchmarks/README.md traces them): in 313
+    two objects stay hidden behind others for longer than track_buffer and come out, in 208 a
+    small object lost for 2 s comes back called another class for two frames, in 338 the
+    detector sees one object as two classes from its first frame; in the first 40 frames of 418
+    an object seen as a square is lost for 3 frames and comes back a circle for good, and in
+    the first 80 of 336 and 110 of 403 the detector sees a tracked object a second time as
+    another class while its track is lost. Tracked the way this module used to (a hidden object
+    ends after track_buffer, a new id starts on the other class, both detections start tracks)
+    the first three had 5 ID switches; without step 4's rules for a second detection and for a
+    lost track taking over a held-back one, the last three had 4; now none (at most one is let
+    pass, for another CPU's rounding in the detector)."""
     from benchmarks import bench_tracking as b
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 300) for seed in (208, 313, 338)]
+    scenes += [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, frames) for seed, frames in ((418, 40), (336, 80), (403, 110))]
     result = b.accuracy(scenes)
     print(result)
     r = result["10fps"]
-    assert r["ground_truth_tracks"] >= 25, r
+    assert r["ground_truth_tracks"] >= 45, r
     assert r["id_switches"] <= 1, r
     assert r["idf1"] >= 0.90, r
 
