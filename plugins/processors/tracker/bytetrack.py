@@ -58,7 +58,9 @@ rather than letting those tracks die. Per frame:
    overlap are all a 1-channel camera gives to go on, and an object that went behind another
    can only be behind it until it comes out: kept there, it is not lost after track_buffer
    however long the other one hides it. When the occluder's track ends, the hidden track
-   becomes a plain lost one.
+   becomes a plain lost one. Its motion from then on is measured again over its last
+   sightings where it was seen whole (TRAIL, FULL_VIEW): going behind, it was seen as a
+   shrinking box whose centre lagged behind the object, and the filter's velocity with it.
 
 With ``class_aware`` (the default) a detection goes to a track of its class unless it clearly is
 another track's object, so two objects of different classes crossing each other keep their
@@ -73,7 +75,8 @@ This module is pure computation: no I/O, no clock of its own.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from collections import deque
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -108,6 +111,12 @@ ADOPT_MOVING = 0.005
 HIDE_WINDOW = 6.0
 HIDDEN_IOA = 0.5
 SAME_BOX_IOU = 0.6
+# A track's last TRAIL sightings; its motion when it goes behind another is measured over those
+# where it was seen whole (width and height at least FULL_VIEW of the largest), FULL_SPAN or more
+# frame periods apart
+TRAIL = 12
+FULL_VIEW = 0.9
+FULL_SPAN = 5.0
 
 def _overlap(a: np.ndarray, b: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(intersection (n, m), area of a (n,), area of b (m,)) of x1 y1 x2 y2 boxes."""
@@ -133,6 +142,23 @@ def _duplicates(boxes: np.ndarray, others: np.ndarray) -> np.ndarray:
     a small object in front of a big one is an object)."""
     ratio = _area(boxes)[:, None] / np.maximum(_area(others)[None, :], 1e-12)
     return ((ioa_matrix(boxes, others) >= DUPLICATE_IOA) & (ratio >= DUPLICATE_AREA)).any(axis=1)
+
+
+def _full_view_motion(trail: Deque[Tuple[float, float, float, float, float]]) -> Optional[Tuple[np.ndarray, np.ndarray, float]]:
+    """(velocity, centre, clock) of an object from its ``trail`` of sightings (clock, cx, cy,
+    w, h), measured between the first and the last where it was seen whole; None if those are
+    fewer than FULL_SPAN periods apart. An object going behind another is seen as a shrinking
+    box whose centre lags behind it (or stands still): the Kalman filter's velocity then is
+    not the object's."""
+    a = np.array(trail, np.float64).reshape(-1, 5)
+    if len(a) < 2:
+        return None
+    full = (a[:, 3] >= FULL_VIEW * a[:, 3].max()) & (a[:, 4] >= FULL_VIEW * a[:, 4].max())
+    f = a[full]
+    if len(f) < 2 or f[-1, 0] - f[0, 0] < FULL_SPAN:
+        return None
+    v = (f[-1, 1:3] - f[0, 1:3]) / (f[-1, 0] - f[0, 0])
+    return v, f[-1, 1:3], float(f[-1, 0])
 
 
 def _without(indices: np.ndarray, drop: List[int]) -> np.ndarray:
@@ -184,7 +210,7 @@ class Track:
 
     __slots__ = (
         "behind", "best_confidence", "box", "class_id", "confidence", "first_seen", "hidden_for", "hits",
-        "last_seen", "lost_for", "track_id", "votes",
+        "last_seen", "lost_for", "track_id", "trail", "votes", "went_behind",
     )
 
     def __init__(self, box: np.ndarray, confidence: float, class_id: int, timestamp: float) -> None:
@@ -200,6 +226,8 @@ class Track:
         self.hidden_for = 0.0  # frame periods hidden behind it
         self.first_seen = timestamp
         self.last_seen = timestamp
+        self.trail: Deque[Tuple[float, float, float, float, float]] = deque(maxlen=TRAIL)  # clock, cx, cy, w, h
+        self.went_behind = False  # hidden on the last frame: its motion is measured again
 
 
 Event = Tuple[str, Track, Dict[str, object]]
@@ -382,9 +410,10 @@ class ByteTracker:
             means[ti], covs[ti] = self.kalman.update(means[ti], covs[ti], measured)
             sizes[ti] = np.maximum(SIZE_MEMORY * sizes[ti], measured[:, 2:4])
             confs, cls_list = scores.tolist(), classes.tolist()  # Python numbers: cheaper one by one
-            for k, d in matched:
+            for (k, d), z in zip(matched, measured.tolist()):
                 t = tracks[k]
                 self._seen(t, now.det_boxes[d], confs[d], cls_list[d], timestamp, events)
+                t.trail.append((clock, z[0], z[1], z[2], z[3]))
                 if t.track_id is None and t.hits >= p.min_hits + (HOLD_HITS if k in held else 0):
                     self._confirm(t, events)
                 if t.track_id is not None:
@@ -494,8 +523,9 @@ class ByteTracker:
         """Step 1 for hidden tracks: each keeps its own motion but cannot be anywhere but behind
         its occluder while unseen, so its predicted centre is held inside the occluder's
         predicted box, and its uncertainty is that of a new track (it does not grow while it is
-        hidden). A track whose occluder ended is a plain lost track again. Returns the row of
-        each track's occluder (-1: none)."""
+        hidden). A track hidden on the last frame first gets the motion it had while it was seen
+        whole (:func:`_full_view_motion`), from where it was last seen so. A track whose occluder
+        ended is a plain lost track again. Returns the row of each track's occluder (-1: none)."""
         tracks = self.tracks
         occluder = np.full(len(tracks), -1, np.int64)
         for k, t in enumerate(tracks):
@@ -505,6 +535,15 @@ class ByteTracker:
                 except ValueError:
                     t.behind = None
         ks = np.flatnonzero(occluder >= 0)
+        for k in ks.tolist():
+            t = tracks[k]
+            if t.went_behind:
+                t.went_behind = False
+                motion = _full_view_motion(t.trail)
+                if motion is not None and self.clock is not None:
+                    v, c, when = motion
+                    self.means[k, 4:6] = v
+                    self.means[k, 0:2] = c + v * (self.clock - when)
         if len(ks):
             occ = self.means[occluder[ks], :4]
             half = occ[:, 2:4] / 2
@@ -619,12 +658,14 @@ class ByteTracker:
                 t = now.tracks[k]
                 t.behind = now.tracks[occluders[j][0]]
                 t.hidden_for = 0.0
+                t.went_behind = True
 
     def _seen(self, t: Track, box: np.ndarray, conf: float, cls: int, timestamp: float, events: List[Event]) -> None:
         t.hits += 1
         t.lost_for = 0.0
         t.behind = None
         t.hidden_for = 0.0
+        t.went_behind = False
 
         t.box = box
         t.confidence = conf

@@ -6,12 +6,14 @@ and ID switches from py-motmetrics, at 10 fps and with every other frame dropped
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
 import pytest
 from edgepipe_plugins.processors.tracker import TrackerConfig, TrackerStage
+from edgepipe_plugins.processors.tracker.bytetrack import TRAIL, _full_view_motion
 from pydantic import ValidationError
 
 from edgepipe.messages import Frame
@@ -124,6 +126,53 @@ def behind(i: int, comes_out: bool = True) -> List[List[float]]:
     x = 100.0 + 3 * i
     seen = x + 8 < square[0] or (comes_out and x + 8 > square[2])
     return [square] + ([[x, 130, x + 16, 146, 0.9, 0]] if seen else [])
+
+
+def test_two_objects_crossing_behind_a_third_come_out_with_their_own_ids():
+    # Two 20 px squares pass behind a 100 px circle in opposite directions, 2 px per frame: one
+    # from its right side going left, one from its left going right. Each is seen shrinking as
+    # it goes behind (the detector sees the part still in view, at least 8 px of it), is hidden
+    # for about 50 frames, and comes out growing on the other side. Both hidden tracks follow
+    # the circle, each with its own motion, and each is looked for where it comes out: neither
+    # takes the other's object.
+    def seen(i: int) -> List[List[float]]:
+        boxes = [[200, 100, 300, 200, 0.95, 0]]
+        a = 340 - 2.0 * i  # going left, behind the circle from x = 300 down to 200
+        b = 140 + 2.0 * i  # going right, behind it from x = 200 up to 300
+        for x, y in ((a, 140), (b, 150)):
+            left, right = x, x + 20
+            if right > 200 and left < 300:  # partly or wholly behind
+                left, right = (max(left, 300), right) if x > 250 else (left, min(right, 200))
+            if right - left >= 8:
+                boxes.append([left, y, right, y + 20, 0.9, 1])
+        return boxes
+
+    rows = run_ids(seen, 100)
+    first = rows[5]  # circle, a, b
+    last = rows[-1]
+    assert len(first) == 3 and None not in first, rows[:6]
+    assert len(last) == 3 and None not in last, rows[-1]
+    assert last == first, (first, last)  # a (rows' second box) ends on the left, b on the right
+
+
+def test_an_object_going_behind_another_keeps_the_motion_it_had_while_seen_whole():
+    # A 30 px object going left at 2 px per frame, seen whole until frame 10, then going behind
+    # an object that comes right at 2 px per frame: the part of it in view shrinks 4 px per frame
+    # from its left side, and its box's centre stands still, the wrong motion to look for it
+    # with while it is hidden. Its motion is measured over its last sightings (TRAIL) where it
+    # was whole.
+    trail = deque(maxlen=TRAIL)
+    for i in range(16):
+        x1, x2 = 400 - 2.0 * i, 430 - 2.0 * i
+        if i > 10:
+            x1 = 380 + 2.0 * (i - 10)  # the occluder's right side, coming right
+        trail.append((float(i), (x1 + x2) / 2, 115.0, x2 - x1, 30.0))
+    velocity, centre, when = _full_view_motion(trail)
+    assert velocity == pytest.approx([-2.0, 0.0])
+    assert when == 10.0 and centre == pytest.approx([395.0, 115.0])
+    # seen whole for fewer than FULL_SPAN periods: no measure
+    short = deque(list(trail)[6:], maxlen=TRAIL)
+    assert _full_view_motion(short) is None
 
 
 def test_an_object_hidden_behind_another_for_longer_than_track_buffer_keeps_its_id():
