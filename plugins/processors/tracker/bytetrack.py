@@ -161,6 +161,15 @@ def _full_view_motion(trail: Deque[Tuple[float, float, float, float, float]]) ->
     return v, f[-1, 1:3], float(f[-1, 0])
 
 
+def _in_frame(boxes: np.ndarray, frame_size: Optional[Tuple[int, int]]) -> np.ndarray:
+    """(n,) bool: which of the boxes lie for RECOVER_INSIDE or more inside a frame of
+    ``frame_size`` (all of them when it is not known)."""
+    if frame_size is None:
+        return np.ones(len(boxes), bool)
+    w, h = frame_size
+    return _area(np.clip(boxes, 0, [w, h, w, h])) / np.maximum(_area(boxes), 1e-12) >= RECOVER_INSIDE
+
+
 def _without(indices: np.ndarray, drop: List[int]) -> np.ndarray:
     """``indices`` without those in ``drop``, in order (a set: np.isin costs more on a few dozen)."""
     if not drop:
@@ -392,7 +401,7 @@ class ByteTracker:
             pending = [pair for pair, dup in zip(pending, twice.tolist()) if not dup]
         held: set = set()
         if pending and len(unmatched):
-            held, adopted = self._held(now, pending, unmatched)
+            held, adopted = self._held(now, pending, unmatched, frame_size)
             for k, lost in adopted.items():
                 # The lost track goes on from the tentative one's state, which has followed the
                 # object lately (its own prediction is older), and counts its class votes.
@@ -503,11 +512,8 @@ class ByteTracker:
         one), and tracks hidden behind another (step 2c)."""
         lost = candidates[np.array([now.tracks[k].lost_for > 0 for k in candidates.tolist()], bool)
                           & (now.occluder[candidates] < 0)]
-        if len(lost) and frame_size is not None:
-            w, h = frame_size
-            boxes = now.boxes[lost]
-            inside = _area(np.clip(boxes, 0, [w, h, w, h])) / np.maximum(_area(boxes), 1e-12)
-            lost = lost[inside >= RECOVER_INSIDE]
+        if len(lost):
+            lost = lost[_in_frame(now.boxes[lost], frame_size)]
         if not len(lost) or not len(near):
             return [], candidates
         cost = self.kalman.gating_distance(now.means[lost], now.covs[lost], xyxy_to_xywh(now.det_boxes[near]))
@@ -590,7 +596,9 @@ class ByteTracker:
         pairs = list(zip(hidden[ti[good]].tolist(), near[di[good]].tolist()))
         return pairs, _without(candidates, hidden[ti[good]].tolist())
 
-    def _held(self, now: _Now, pending: List[Tuple[int, int]], unmatched: np.ndarray) -> Tuple[set, Dict[int, int]]:
+    def _held(
+        self, now: _Now, pending: List[Tuple[int, int]], unmatched: np.ndarray, frame_size: Optional[Tuple[int, int]],
+    ) -> Tuple[set, Dict[int, int]]:
         """Step 4b: the tentative tracks matched in step 4 (``pending``) whose detection one of
         the confirmed tracks ``unmatched`` could be, whatever the class: one lost on an earlier
         frame (the detection within its recovery gate, or its predicted box lying for
@@ -606,6 +614,8 @@ class ByteTracker:
         cost = np.full((len(unmatched), len(pending)), np.inf)  # inf: cannot be its object
         hidden = now.occluder[unmatched] >= 0
         lost = np.array([now.tracks[k].lost_for > 0 for k in unmatched.tolist()], bool) & ~hidden
+        if lost.any():  # not a track that left the frame: what comes in there is another object
+            lost[lost] = _in_frame(now.boxes[unmatched[lost]], frame_size)
         if lost.any():
             ks = unmatched[lost]
             gate = self.kalman.gating_distance(now.means[ks], now.covs[ks], xyxy_to_xywh(now.det_boxes[rows]))
