@@ -42,8 +42,9 @@ rather than letting those tracks die. Per frame:
    If that does not happen, the lost track takes the tentative one's detection (and its
    motion) once it has had those sightings, provided the two move alike (velocities within
    half the faster speed, or a twentieth of the object's size per frame period, and not
-   opposite ways): a new object that is really there moves its own way. Either way no new id starts and ends around an
-   object that already had one (two identity switches).
+   opposite ways), and it did not leave the frame (as in step 2b): a new object that is really
+   there moves its own way. Either way no new id starts and ends around an object that
+   already had one (two identity switches).
 5. High detections still left, of at least ``new_track_thresh``, start tentative tracks, unless
    60% or more of their box lies on a detection taken in this frame or on a confirmed track
    lost on this frame, one at most 2.5 times their size:
@@ -606,9 +607,10 @@ class ByteTracker:
         hidden (the detection around its occluder). Such a tentative track needs HOLD_HITS more
         sightings to be confirmed. When it has them, the nearest of those tracks whose
         velocity agrees with it takes its detection instead (ADOPT_SPEED_FRACTION,
-        ADOPT_SIZE_FRACTION, ADOPT_MOVING): after missing an object for a while the detector often sees it
-        anew as another class or as a bigger box, and a new id there would be an identity
-        switch; a new object that is really there moves its own way. Returns (the tentative
+        ADOPT_SIZE_FRACTION, ADOPT_MOVING): after missing an object for a while the detector
+        often sees it anew as another class or as a bigger box, and a new id there would be an
+        identity switch; a new object that is really there moves its own way. Lost tracks
+        predicted mostly outside the frame are left out (they left it). Returns (the tentative
         tracks held, {tentative track: the confirmed track that takes its detection})."""
         rows = np.array([d for _, d in pending], np.int64)
         cost = np.full((len(unmatched), len(pending)), np.inf)  # inf: cannot be its object
