@@ -220,7 +220,7 @@ class Track:
 
     __slots__ = (
         "behind", "best_confidence", "box", "class_id", "confidence", "first_seen", "hidden_for", "hits",
-        "last_seen", "lost_for", "track_id", "trail", "votes", "went_behind",
+        "last_seen", "lost_for", "track_id", "trail", "votes",
     )
 
     def __init__(self, box: np.ndarray, confidence: float, class_id: int, timestamp: float) -> None:
@@ -237,7 +237,6 @@ class Track:
         self.first_seen = timestamp
         self.last_seen = timestamp
         self.trail: Deque[Tuple[float, float, float, float, float]] = deque(maxlen=TRAIL)  # clock, cx, cy, w, h
-        self.went_behind = False  # hidden on the last frame: its motion is measured again
 
 
 Event = Tuple[str, Track, Dict[str, object]]
@@ -544,8 +543,7 @@ class ByteTracker:
         ks = np.flatnonzero(occluder >= 0)
         for k in ks.tolist():
             t = tracks[k]
-            if t.went_behind:
-                t.went_behind = False
+            if t.hidden_for == 0.0:  # hidden on the last frame
                 motion = _full_view_motion(t.trail)
                 if motion is not None and self.clock is not None:
                     v, c, when = motion
@@ -615,9 +613,9 @@ class ByteTracker:
         rows = np.array([d for _, d in pending], np.int64)
         cost = np.full((len(unmatched), len(pending)), np.inf)  # inf: cannot be its object
         hidden = now.occluder[unmatched] >= 0
+        # lost, and not a track that left the frame: what comes in there is another object
         lost = np.array([now.tracks[k].lost_for > 0 for k in unmatched.tolist()], bool) & ~hidden
-        if lost.any():  # not a track that left the frame: what comes in there is another object
-            lost[lost] = _in_frame(now.boxes[unmatched[lost]], frame_size)
+        lost &= _in_frame(now.boxes[unmatched], frame_size)
         if lost.any():
             ks = unmatched[lost]
             gate = self.kalman.gating_distance(now.means[ks], now.covs[ks], xyxy_to_xywh(now.det_boxes[rows]))
@@ -670,14 +668,12 @@ class ByteTracker:
                 t = now.tracks[k]
                 t.behind = now.tracks[occluders[j][0]]
                 t.hidden_for = 0.0
-                t.went_behind = True
 
     def _seen(self, t: Track, box: np.ndarray, conf: float, cls: int, timestamp: float, events: List[Event]) -> None:
         t.hits += 1
         t.lost_for = 0.0
         t.behind = None
         t.hidden_for = 0.0
-        t.went_behind = False
 
         t.box = box
         t.confidence = conf

@@ -40,6 +40,17 @@ def moving(i: int, speed: float = 8.0, size: float = 20.0, y: float = 100.0, cls
     return [x, y, x + size, y + size, 0.9, cls]
 
 
+def run_ids(boxes_of, frames: int) -> List[List[Optional[int]]]:
+    """The track ids of each frame of ``boxes_of(i)``, i = 0 .. frames - 1, through a new tracker."""
+    t = tracker()
+    out = []
+    for i in range(frames):
+        f = frame(i, boxes_of(i))
+        t.process([f])
+        out.append(list(f.track_ids))
+    return out
+
+
 def test_a_frame_id_gap_moves_the_prediction_by_the_elapsed_periods():
     # A 20 px box moving 8 px per frame: 3 periods after frame 7 it is 24 px further. A model
     # stepping once would look 16 px short of it (IoU 0.11, no match) and lose the object.
@@ -224,24 +235,9 @@ def test_an_object_called_another_class_for_a_few_frames_after_it_was_lost_keeps
         x = 100 + 3.0 * i + (10 if i >= 25 else 0)
         return [[x, 100, x + 16, 116, 0.9, 1 if i in (25, 26) else 0]]
 
-    t = tracker()
-    ids = []
-    for i in range(35):
-        f = frame(i, seen(i))
-        t.process([f])
-        ids += [x for x in f.track_ids if x is not None]
+    ids = [x for row in run_ids(seen, 35) for x in row if x is not None]
     assert set(ids) == {1}, ids
     assert ids[-5:] == [1] * 5
-
-
-def run_ids(boxes_of, frames: int) -> List[List[Optional[int]]]:
-    t = tracker()
-    out = []
-    for i in range(frames):
-        f = frame(i, boxes_of(i))
-        t.process([f])
-        out.append(list(f.track_ids))
-    return out
 
 
 def test_an_object_seen_again_as_another_class_for_good_keeps_its_id():
@@ -308,19 +304,15 @@ def test_an_object_coming_in_where_another_left_the_frame_gets_a_new_id():
     # place. The first one's track is still in its buffer and the newcomer within its
     # uncertainty, but a track predicted mostly outside the frame has left it: the newcomer is
     # another object.
-    t = tracker()
-    ids = []
-    for i in range(58):
+    def seen(i: int) -> List[List[float]]:
         x = 60 - 2.0 * i
         if i < 40:
-            boxes = [[max(x, 0.0), 200, x + 30, 230, 0.9, 1]]
-        elif i < 50:
-            boxes = []
-        else:
-            boxes = [[0, 200, 3 * (i - 50) + 6, 230, 0.9, 1]]
-        f = frame(i, boxes)
-        t.process([f])
-        ids += [x for x in f.track_ids if x is not None]
+            return [[max(x, 0.0), 200, x + 30, 230, 0.9, 1]]
+        if i < 50:
+            return []
+        return [[0, 200, 3 * (i - 50) + 6, 230, 0.9, 1]]
+
+    ids = [x for row in run_ids(seen, 58) for x in row if x is not None]
     assert ids[0] == 1 and ids[-1] == 2 and set(ids) == {1, 2}, ids
 
 
