@@ -38,6 +38,7 @@ from edgepipe.daemon.exposition import MetricsServer, PipelineView
 from edgepipe.daemon.plan import WorkerPlan, build_plan
 from edgepipe.daemon.process import Exit, RestartPolicy, State, WorkerProcess, exit_text
 from edgepipe.daemon.stages import StageBook
+from edgepipe.daemon.worker import EXIT_CRASHED, EXIT_START_FAILED
 from edgepipe.graph import Pipeline
 from edgepipe.runtime import (
     RuntimeDir,
@@ -54,6 +55,8 @@ __all__ = ["StartError", "Supervisor", "run_daemon"]
 log = logging.getLogger("edgepipe.supervisor")
 
 EXIT_OK, EXIT_FAILED, EXIT_FORCED = 0, 1, 130
+SAID_WHY = (EXIT_CRASHED, EXIT_START_FAILED)  # a worker exiting so has sent FAILED first
+REASON_WAIT_S = 0.5  # how long its exit waits for that message
 RECONFIGURE_TIMEOUT_S = 10.0
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -229,11 +232,26 @@ class Supervisor:
         if w.replace():
             self.spawn(w)
 
+    def read_messages(self, timeout_ms: int) -> None:
+        """Handle the control messages that arrive within ``timeout_ms`` (all that are queued)."""
+        assert self.router is not None
+        if self.router.poll(timeout_ms, zmq.POLLIN):
+            while True:
+                try:
+                    self.on_message(self.router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+
     def check_workers(self) -> None:
         now = time.monotonic()
         for w in list(self.workers.values()):
             code = w.poll()
             if code is not None:
+                # It sent FAILED with the reason before it exited; the message can still be on
+                # its way when the exit is seen (a busy machine).
+                until = time.monotonic() + REASON_WAIT_S
+                while code in SAID_WHY and w.reason is None and time.monotonic() < until:
+                    self.read_messages(max(1, int(1000 * (until - time.monotonic()))))
                 self.on_exit(w, code)
                 continue
             if w.alive:
@@ -403,15 +421,8 @@ class Supervisor:
         for name, stages in self.p.workers().items():
             self.workers[name] = WorkerProcess(name, stages, self.policy)
             self.spawn(self.workers[name])
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
         while self.handle_signals():
-            if poller.poll(100):
-                while True:
-                    try:
-                        self.on_message(self.router.recv_multipart(zmq.NOBLOCK))
-                    except zmq.Again:
-                        break
+            self.read_messages(100)
             self.check_workers()
             if not self.started and not self.stopping and all(w.ready for w in self.workers.values()):
                 self.go()
