@@ -18,6 +18,7 @@ Cost. 50 objects moving on straight lines with jitter (as detections, no picture
     python -m benchmarks.bench_tracking                    # the numbers of benchmarks/README.md
     python -m benchmarks.bench_tracking --smoke            # a few seconds
     python -m benchmarks.bench_tracking --seeds 201-206    # accuracy on other scenes
+    python -m benchmarks.bench_tracking --weights runs/x/x.safetensors   # another model of the demo classes
     python -m benchmarks.bench_tracking --compare main     # cost of main's stages beside this checkout's
 """
 
@@ -51,13 +52,13 @@ SMOKE_SCENES: List[Scene] = [(WIDTH, HEIGHT, 101, OBJECTS, 60)]
 FrameData = Tuple[np.ndarray, np.ndarray, List[int]]  # detections (n, 6), truth (m, 5), truth ids
 
 
-def _stages() -> Tuple[Any, Any, Any]:
+def _stages(weights: str = "builtin:demo") -> Tuple[Any, Any, Any]:
     from edgepipe_plugins.processors.letterbox import LetterboxConfig, LetterboxStage
     from edgepipe_plugins.processors.nms import NmsConfig, NmsStage
     from edgepipe_plugins.processors.yolov5 import YoloV5Config, YoloV5Stage
 
     prep = LetterboxStage(LetterboxConfig(imgsz=IMGSZ), StageContext("prep"))
-    det = YoloV5Stage(YoloV5Config(weights="builtin:demo", device="cpu", imgsz=IMGSZ, conf_thres=0.1,
+    det = YoloV5Stage(YoloV5Config(weights=weights, device="cpu", imgsz=IMGSZ, conf_thres=0.1,
                                    threads=1), StageContext("detector"))
     post = NmsStage(NmsConfig(conf_thres=0.1, iou_thres=0.45), StageContext("post"))
     for s in (prep, det, post):
@@ -138,9 +139,9 @@ def _summary(accs: List[Any]) -> Dict[str, float]:
     }
 
 
-def accuracy(scenes: Sequence[Scene]) -> Dict[str, Dict[str, float]]:
+def accuracy(scenes: Sequence[Scene], weights: str = "builtin:demo") -> Dict[str, Dict[str, float]]:
     """Both frame rates over all ``scenes`` (one detector pass each)."""
-    stages = _stages()
+    stages = _stages(weights)
     accs: Dict[str, List[Any]] = {"10fps": [], "5fps_every_other_frame_dropped": []}
     for scene in scenes:
         data = detect_scene(scene, stages)
@@ -286,11 +287,12 @@ def compare(rev: str, objects: int = 50, frames: int = 600, warmup: int = 50, ro
     return out
 
 
-def run(smoke: bool = False, scenes: Optional[Sequence[Scene]] = None) -> Dict[str, Any]:
+def run(smoke: bool = False, scenes: Optional[Sequence[Scene]] = None,
+        weights: str = "builtin:demo") -> Dict[str, Any]:
     """The ``tracking`` section of ``benchmarks.run``: accuracy at both frame rates and the cost."""
     scenes = scenes or (SMOKE_SCENES if smoke else FULL_SCENES)
     t0 = time.time()
-    acc = accuracy(scenes)
+    acc = accuracy(scenes, weights)
     c = cost(frames=100 if smoke else 600)
     # Figures are positive by the document's rules, so the switch counts (often 0) stay in
     # setup.accuracy beside MOTA and IDF1, which go to fractions.
@@ -304,7 +306,7 @@ def run(smoke: bool = False, scenes: Optional[Sequence[Scene]] = None) -> Dict[s
             "what": "tracker accuracy on the demo model's detections (py-motmetrics, IoU >= 0.5) and "
                     "tracker + zones cost per frame (benchmarks/bench_tracking.py)",
             "scenes": [dict(zip(("width", "height", "seed", "objects", "frames"), s)) for s in scenes],
-            "imgsz": IMGSZ, "accuracy": acc, "cost_objects": c["objects"], "seconds": round(time.time() - t0, 1),
+            "imgsz": IMGSZ, "weights": weights, "accuracy": acc, "cost_objects": c["objects"], "seconds": round(time.time() - t0, 1),
             "load_average_1min": round(os.getloadavg()[0], 2),
         },
         "figures": figures,
@@ -317,6 +319,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="one short scene, a short cost run")
     parser.add_argument("--seeds", help="scene seeds for the accuracy part, e.g. 201-206 or 101,104 "
                         "(default: 101-106, 300 frames each)")
+    parser.add_argument("--weights", default="builtin:demo",
+                        help="the detector for the accuracy part: a 1-channel model of the demo's four classes "
+                             "(default builtin:demo)")
     parser.add_argument("--cost-only", action="store_true", help="only the cost part")
     parser.add_argument("--compare", metavar="REV", help="only the cost part: the stages at git revision "
                         "REV (e.g. main) and this checkout's, side by side in one run")
@@ -335,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 lo, _, hi = part.partition("-")
                 seeds += list(range(int(lo), int(hi or lo) + 1))
             scenes = [(WIDTH, HEIGHT, seed, OBJECTS, 300) for seed in seeds]
-        print(json.dumps(run(args.smoke, scenes), indent=2))
+        print(json.dumps(run(args.smoke, scenes, args.weights), indent=2))
     return 0
 
 

@@ -258,9 +258,10 @@ def _visible_fraction(pts: np.ndarray, width: int, height: int) -> float:
     return float(inter) / hull_area if hull_area > 0 else 0.0
 
 
-def _overlap_ok(pts: np.ndarray, placed: List[np.ndarray], width: int, height: int) -> bool:
+def _overlap_ok(pts: np.ndarray, placed: List[np.ndarray], width: int, height: int,
+                visible: float = _MIN_VISIBLE + 0.1) -> bool:
     """True when drawing ``pts`` over the already placed shapes leaves each of them at least
-    ``_MIN_VISIBLE`` visible (cheap test on the shapes' windows)."""
+    ``visible`` visible (cheap test on the shapes' windows)."""
     for other in placed:
         win = _window(other, width, height)
         if win is None:
@@ -269,7 +270,7 @@ def _overlap_ok(pts: np.ndarray, placed: List[np.ndarray], width: int, height: i
         a = _alpha(other, x0, y0, x1 - x0, y1 - y0)
         b = _alpha(pts, x0, y0, x1 - x0, y1 - y0)
         total = float(a.sum())
-        if total > 0 and float((a * (1.0 - b)).sum()) < (_MIN_VISIBLE + 0.1) * total:
+        if total > 0 and float((a * (1.0 - b)).sum()) < visible * total:
             return False
     return True
 
@@ -337,12 +338,17 @@ def render_scene(
     size_range: Tuple[float, float] = (12, 160),
     min_contrast: float = _MIN_CONTRAST,
     effects: bool = True,
+    min_visible: float = _MIN_VISIBLE,
+    place_visible: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """One random scene: (image uint8 (height, width), truth float32 (n, 5) rows
     ``[class_id, x1, y1, x2, y2]``).
 
     ``n_objects`` is the inclusive range of shapes attempted (a shape that cannot be placed with
-    at least 60% of it visible, inside the frame and not covered by later shapes, is left out);
+    at least ``place_visible`` of it inside the frame, and leaving each shape under it that much
+    visible, is left out; a shape drawn less than ``min_visible`` visible gets no label;
+    ``place_visible`` is ``min_visible`` + 0.1 unless given: below ``min_visible``, some shapes
+    are drawn too little visible to be labelled, as objects are that a detector should not report);
     ``size_range`` bounds the longer side of each shape's tight box in pixels (log-uniform).
     ``effects=False`` skips the camera effects (lighting, blur, noise), for tests.
     Deterministic for a given ``rng`` state.
@@ -354,6 +360,7 @@ def render_scene(
         raise ValueError(f"size_range {size_range!r} must satisfy 2 <= min <= max")
     hi = min(hi, 0.95 * min(width, height) / 0.8)  # the largest still mostly fits
     lo = min(lo, hi)
+    place = min_visible + 0.1 if place_visible is None else float(place_visible)
     canvas = _background(rng, width, height)
     n = int(rng.integers(n_objects[0], n_objects[1] + 1))
     shapes: List[Shape] = []
@@ -362,8 +369,7 @@ def render_scene(
         for _attempt in range(12):
             shape = _random_shape(rng, (lo, hi), width, height)
             pts = shape_polygon(shape)
-            if _visible_fraction(pts, width, height) >= _MIN_VISIBLE + 0.1 and \
-                    _overlap_ok(pts, polys, width, height):
+            if _visible_fraction(pts, width, height) >= place and _overlap_ok(pts, polys, width, height, place):
                 break
         else:
             continue
@@ -373,7 +379,7 @@ def render_scene(
         shape.value = _fill_value(rng, canvas[y0:y1, x0:x1], min_contrast)
         shapes.append(shape)
         polys.append(pts)
-    truth = _composite(canvas, shapes, polys, _MIN_VISIBLE)
+    truth = _composite(canvas, shapes, polys, min_visible)
     if effects:
         image = _effects(rng, canvas)
     else:

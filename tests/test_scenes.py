@@ -4,6 +4,7 @@ tight truth boxes, the four documented classes, sizes in range and varied rotati
 from __future__ import annotations
 
 import math
+from typing import List
 
 import numpy as np
 import pytest
@@ -175,3 +176,44 @@ def test_bad_arguments_say_what_is_wrong() -> None:
         SceneStream(8, 8)
     with pytest.raises(ValueError, match="class_id 7"):
         shape_polygon(Shape(class_id=7, cx=0, cy=0, size=10, angle=0))
+
+
+def test_min_visible_labels_shapes_partly_out_of_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``min_visible`` and ``place_visible`` (what training for partly seen objects uses): with
+    0.3, shapes are placed down to 40% inside the frame and labelled; by default none is placed
+    under 70%; with 0.4 placed down to 0.3, the shapes drawn under 40% inside get no label."""
+    import edgepipe.scenes as scenes
+
+    placed: List[float] = []
+    labelled: List[float] = []
+    original = scenes._composite
+
+    def spy(canvas, shapes, polys, min_visible, kept=None):  # type: ignore[no-untyped-def]
+        kept_here: List[int] = []
+        truth = original(canvas, shapes, polys, min_visible, kept_here)
+        h, w = canvas.shape
+        inside = [scenes._visible_fraction(p, w, h) for p in polys]
+        placed.extend(inside)
+        labelled.extend(inside[i] for i in kept_here)
+        return truth
+
+    monkeypatch.setattr(scenes, "_composite", spy)
+    found = {}
+    for min_visible, place_visible in ((0.6, None), (0.3, None), (0.4, 0.3)):
+        placed.clear()
+        labelled.clear()
+        rng = np.random.default_rng(17)
+        for _ in range(60):
+            render_scene(rng, 160, 160, n_objects=(2, 6), size_range=(30, 120), effects=False,
+                         min_visible=min_visible, place_visible=place_visible)
+        found[min_visible] = np.array(placed), np.array(labelled)
+    for _, kept in found.values():
+        assert len(kept) > 100
+    assert found[0.6][0].min() >= 0.7 - 1e-6
+    assert found[0.3][1].min() >= 0.4 - 1e-6
+    assert (found[0.3][1] < 0.6).mean() > 0.05
+    placed_04, kept_04 = found[0.4]
+    assert placed_04.min() >= 0.3 - 1e-6 and (placed_04 < 0.37).sum() >= 5
+    # A shape less than 40% inside is less than 40% visible (the fraction inside is measured on
+    # the convex hull, a little under the true one for a cross).
+    assert kept_04.min() >= 0.37

@@ -235,3 +235,48 @@ def test_shipped_demo_model_detects_held_out_scenes() -> None:
     assert res["mAP50"] >= 0.90, res
     wide = evaluate_frames(model, seed=4243, n=16, frame=(1280, 720), imgsz=640, size_range=(28.0, 300.0))
     assert wide["mAP50"] >= 0.90, wide
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path: Path) -> None:
+    """``--init``: the run's model and EMA begin as the given weights file (here one exported by
+    a first run), not from scratch; with a learning rate of 0 the convolutions stay exactly so."""
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first.safetensors"
+    assert train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a"), "--export", str(first)]) == 0
+    assert train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "b"), "--init", str(first),
+                              "--lr", "0", "--seed", "5"]) == 0
+    ckpt = _weights(tmp_path / "b")
+    shipped = load_file(str(first))
+    convs = [k for k in ckpt["model"] if k.endswith("conv.weight")]
+    assert len(convs) > 50
+    for key in convs:
+        assert torch.equal(ckpt["model"][key], shipped[key].float()), key
+    # From scratch (same seed, no --init) the same convolutions differ.
+    assert train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "c"), "--lr", "0", "--seed", "5"]) == 0
+    scratch = _weights(tmp_path / "c")
+    assert not torch.equal(scratch["model"][convs[0]], shipped[convs[0]].float())
+
+
+def test_init_weights_of_another_size_are_refused(tmp_path: Path) -> None:
+    first = tmp_path / "n.safetensors"
+    assert train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "a"), "--export", str(first)]) == 0
+    with pytest.raises(SystemExit, match=r"--init .*n\.safetensors: does not fit a 1-channel 4-class model"):
+        train.main(TINY + ["--size", "s", "--steps", "1", "--out", str(tmp_path / "b"), "--init", str(first)])
+    with pytest.raises(SystemExit, match=r"--init .*missing\.safetensors: .*not found"):
+        train.main(TINY + ["--steps", "1", "--out", str(tmp_path / "c"), "--init", str(tmp_path / "missing.safetensors")])
+
+
+def test_resume_refuses_a_changed_visibility_and_reads_older_checkpoints(tmp_path: Path) -> None:
+    assert train.main(TINY + ["--steps", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit, match="--min-visible was 0.6 in this run, got 0.3"):
+        train.main(TINY + ["--steps", "2", "--out", str(tmp_path), "--min-visible", "0.3"])
+    # A checkpoint written before --min-visible and --init existed resumes as 0.6 and none.
+    ckpt = _weights(tmp_path)
+    saved = json.loads(ckpt["args"])
+    del saved["min_visible"], saved["init"]
+    ckpt["args"] = json.dumps(saved)
+    torch.save(ckpt, tmp_path / "last.pt")
+    assert train.main(TINY + ["--steps", "2", "--out", str(tmp_path)]) == 0
+    assert _weights(tmp_path)["step"] == 2
+

@@ -11,7 +11,7 @@ same data as an uninterrupted one without storing any generator state.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import cv2
 import numpy as np
@@ -26,10 +26,14 @@ def training_image(
     imgsz: int,
     size_range: Tuple[float, float],
     n_objects: Tuple[int, int] = (1, 10),
+    min_visible: float = 0.6,
+    place_visible: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """One letterboxed training image (imgsz, imgsz) uint8 and its labels (n, 5) float32 rows
     ``[class_id, x1, y1, x2, y2]`` in that image's pixels; objects' longer sides lie in
-    ``size_range`` (input pixels) before clipping."""
+    ``size_range`` (input pixels) before clipping; objects are labelled down to ``min_visible``
+    of their area in sight, and placed down to ``place_visible`` (default ``min_visible`` + 0.1;
+    :func:`edgepipe.scenes.render_scene`)."""
     if rng.random() < 0.5:  # full square frame
         w = h = imgsz
     else:  # a wide or tall frame, letterboxed
@@ -39,7 +43,8 @@ def training_image(
     f = 1.0 if rng.random() < 0.75 else float(rng.uniform(1.2, 2.0))  # render larger, shrink
     rw, rh = int(round(w * f)), int(round(h * f))
     lo, hi = size_range
-    scene, truth = render_scene(rng, rw, rh, n_objects=n_objects, size_range=(lo * f, hi * f))
+    scene, truth = render_scene(rng, rw, rh, n_objects=n_objects, size_range=(lo * f, hi * f),
+                                min_visible=min_visible, place_visible=place_visible)
     if (rw, rh) != (w, h):
         scene = cv2.resize(scene, (w, h), interpolation=cv2.INTER_LINEAR)
         truth[:, 1:] *= np.array([w / rw, h / rh, w / rw, h / rh], np.float32)
@@ -64,7 +69,9 @@ def training_image(
 
 
 def training_batch(
-    seed: int, step: int, batch: int, imgsz: int, size_range: Tuple[float, float]
+    seed: int, step: int, batch: int, imgsz: int, size_range: Tuple[float, float],
+    min_visible: float = 0.6,
+    place_visible: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The batch of ``step``: images (batch, 1, imgsz, imgsz) float32 in [0, 1] and targets
     (n, 6) float32 rows ``[image_index, class_id, cx, cy, w, h]`` in input pixels."""
@@ -72,7 +79,7 @@ def training_batch(
     images = np.empty((batch, 1, imgsz, imgsz), np.float32)
     rows = []
     for i in range(batch):
-        img, truth = training_image(rng, imgsz, size_range)
+        img, truth = training_image(rng, imgsz, size_range, min_visible=min_visible, place_visible=place_visible)
         images[i, 0] = img * np.float32(1.0 / 255.0)
         xyxy = truth[:, 1:]
         rows.append(np.column_stack([

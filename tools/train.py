@@ -12,6 +12,7 @@ steps in ``OUT/last.pt`` (plain tensors and numbers, read back with ``weights_on
 which the same command resumes. ``OUT/log.jsonl`` gets the losses, the learning rate, the
 seconds per step and, every ``--val-every`` steps, mAP on a small held-out set. At the end the
 EMA weights are exported (fp16) with edgepipe's own weights format when ``--export`` is given.
+``--init WEIGHTS`` fine-tunes a model instead (docs/training.md).
 """
 
 from __future__ import annotations
@@ -42,7 +43,10 @@ from tools.loss import YoloLoss  # noqa: E402
 log = logging.getLogger("tools.train")
 
 # Arguments that must match when a run resumes (the rest may change, e.g. --steps to extend).
-_FIXED = ("size", "imgsz", "batch", "seed", "optimizer", "min_size", "max_size")
+_FIXED = ("size", "imgsz", "batch", "seed", "optimizer", "min_size", "max_size", "min_visible",
+          "place_visible", "init")
+# What a checkpoint written before an argument existed ran with.
+_FIXED_BEFORE = {"min_visible": 0.6, "place_visible": None, "init": None}
 
 
 class ModelEMA:
@@ -103,6 +107,26 @@ def new_model(args: argparse.Namespace) -> Model:
     return model
 
 
+def start_from(model: Model, ema: ModelEMA, ref: str) -> None:
+    """Fine-tuning: the model and its EMA start from the weights ``ref`` (a weights file or
+    ``builtin:demo``) instead of from scratch; they must be of this run's size and classes."""
+    from edgepipe.yolo.weights import WeightsError, read_weights
+
+    try:
+        weights = read_weights(ref)
+    except WeightsError as exc:
+        raise SystemExit(f"--init {ref}: {exc}") from None
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in weights.state_dict.items()}
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SystemExit(f"--init {ref}: does not fit a 1-channel {len(CLASSES)}-class model of this "
+                         f"size ({first})") from None
+    ema.ema.load_state_dict(model.state_dict())
+    log.info("Starting from the weights %s (%s)", ref, weights.source)
+
+
 def save_checkpoint(path: Path, model: nn.Module, ema: ModelEMA, opt: torch.optim.Optimizer,
                     step: int, train_seconds: float, args: argparse.Namespace) -> None:
     """Write atomically (a crash mid-write leaves the previous checkpoint intact)."""
@@ -146,7 +170,9 @@ def export(model: Model, path: Path, args: argparse.Namespace, step: int, train_
         "trained_by": "tools.train",
         "training": json.dumps({"steps": step, "seed": args.seed, "imgsz": args.imgsz,
                                 "batch": args.batch, "train_seconds": round(train_seconds),
-                                "object_px": [args.min_size, args.max_size]}),
+                                "object_px": [args.min_size, args.max_size],
+                                "min_visible": args.min_visible, "place_visible": args.place_visible,
+                                "init": args.init}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_model(half, path, metadata=meta)
@@ -174,6 +200,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--min-size", type=float, default=8.0, help="smallest object (input pixels)")
     p.add_argument("--max-size", type=float, default=170.0, help="largest object (input pixels)")
+    p.add_argument("--min-visible", type=float, default=0.6,
+                   help="label objects down to this fraction of their area in sight (partly covered or "
+                        "out of the frame)")
+    p.add_argument("--place-visible", type=float, default=None,
+                   help="place shapes down to this fraction in sight (default: --min-visible + 0.1; lower "
+                        "shows objects too little visible to be labelled, which the model learns not to report)")
+    p.add_argument("--init", default=None, metavar="WEIGHTS",
+                   help="fine-tune: start from these weights (a file or builtin:demo) instead of from scratch")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (results differ across devices)")
     p.add_argument("--save-every", type=int, default=100)
@@ -189,6 +223,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.imgsz % 32 or args.imgsz < 64:
         p.error(f"--imgsz {args.imgsz}: expected a multiple of 32, at least 64")
+    if not 0.05 <= args.min_visible <= 0.9:
+        p.error(f"--min-visible {args.min_visible}: expected a fraction from 0.05 to 0.9")
+    if args.place_visible is not None and not 0.05 <= args.place_visible <= 0.95:
+        p.error(f"--place-visible {args.place_visible}: expected a fraction from 0.05 to 0.95")
     if not 0 < args.min_size <= args.max_size:
         p.error(f"--min-size {args.min_size} / --max-size {args.max_size}: expected 0 < min <= max")
     return args
@@ -215,8 +253,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         ckpt = load_checkpoint(ckpt_path)
         saved = json.loads(ckpt["args"])
         for key in _FIXED:
-            if saved.get(key) != getattr(args, key):
-                raise SystemExit(f"{ckpt_path}: --{key.replace('_', '-')} was {saved.get(key)!r} in this run, "
+            was = saved.get(key, _FIXED_BEFORE.get(key))
+            if was != getattr(args, key):
+                raise SystemExit(f"{ckpt_path}: --{key.replace('_', '-')} was {was!r} in this run, "
                                  f"got {getattr(args, key)!r} (use another --out for a new run)")
         model.load_state_dict(ckpt["model"])
         ema.ema.load_state_dict(ckpt["ema"])
@@ -226,6 +265,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.info("Resumed %s at step %d of %d (%.0f s trained so far)", ckpt_path, step, args.steps, train_seconds)
     elif args.export_only:
         raise SystemExit(f"--export-only: no checkpoint at {ckpt_path}")
+    elif args.init is not None:
+        start_from(model, ema, args.init)
 
     if args.export_only:
         if args.export is None:
@@ -240,7 +281,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model.train()
     while step < args.steps:
         t0 = time.monotonic()
-        images, targets = training_batch(args.seed, step, args.batch, args.imgsz, size_range)
+        images, targets = training_batch(args.seed, step, args.batch, args.imgsz, size_range,
+                                         min_visible=args.min_visible, place_visible=args.place_visible)
         lr = lr_at(step, args)
         for g in opt.param_groups:
             g["lr"] = lr
