@@ -42,7 +42,7 @@ from .._common import check_class_names
 __all__ = ["SnapshotConfig", "TrackerConfig", "TrackerStage"]
 
 _SECONDS = re.compile(r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*s\s*$")
-STATE_INTERVAL_S = 1.0  # open tracks' last_seen/bbox are persisted at most this often
+STATE_INTERVAL_S = 1.0  # the state file is rewritten this often (changes in between: its journal)
 PERIOD_WINDOW = 30  # frames over which the frame period is estimated (median)
 
 
@@ -167,6 +167,7 @@ class _Source:
         self.snapshots: Dict[int, Dict[str, Any]] = {}  # track id -> the snapshot named in events
         self.snapshot_at: Dict[int, float] = {}  # track id -> monotonic time of its last write
         self.names: List[str] = []  # the detector's class names, from the latest frame
+        self.saved_ts: Optional[float] = None  # timestamp of its last frame when the state was written
 
     def period(self) -> Optional[float]:
         return statistics.median(self.steps) if self.steps else None
@@ -239,7 +240,8 @@ class TrackerStage(Processor):
                 ", ".join(f"{s} {n}" for s, n in sorted(next_ids.items())),
                 sum(len(t) for t in open_tracks.values()),
             )
-        self._dirty = False
+        # Changes since the state file was last written, journaled before their frame leaves
+        self._changes: List[Dict[str, Any]] = []
         self._saved_at = 0.0
         self.writer: Optional[SnapshotWriter] = None
         if cfg.snapshots is not None:
@@ -264,8 +266,9 @@ class TrackerStage(Processor):
         return src
 
     def _allocate(self, source: str) -> int:
-        self._dirty = True
-        return self.state.allocate(source)
+        value = self.state.allocate(source)
+        self._changes.append({"next_id": {source: value + 1}})
+        return value
 
     def _check_names(self, frame: Frame) -> None:
         """Class names of ``classes`` against the frame's (when validation could not know them)."""
@@ -288,8 +291,15 @@ class TrackerStage(Processor):
             if not self._names_checked:
                 self._check_names(frame)
             self._track(frame)
-        self._save()
+        self._save(due=any(self._stale(self.sources[f.source], f.timestamp) for f in frames))
         return frames
+
+    @staticmethod
+    def _stale(src: _Source, timestamp: float) -> bool:
+        """True when the state file's view of this source is STATE_INTERVAL_S behind in the
+        source's own time (or its clock jumped back): at 10 fps a rewrite every 10 frames,
+        however fast the frames come (a file read faster than real time)."""
+        return src.saved_ts is None or abs(timestamp - src.saved_ts) >= STATE_INTERVAL_S
 
     def _advance(self, src: _Source, frame: Frame) -> float:
         """The frame's time on the motion model's clock, in frame periods (see ``clock``)."""
@@ -326,18 +336,21 @@ class TrackerStage(Processor):
         for summary in src.pending_ends:  # tracks a dead incarnation of this stage left open
             events.append(event_message("end", frame, summary, self.run, reason="restarted"))
             self.m_ended.labels(frame.source, "restarted").inc()
-            self._dirty = True
+        if src.pending_ends:
+            self._changes.append({"end": {frame.source: [s.get("track_id") for s in src.pending_ends]}})
         src.pending_ends = []
         new_ids = {t.track_id for kind, t, _ in lifecycle if kind == "new"}
         if self.writer is not None and frame.detections is not None and len(frame.detections):
             self._snapshots(src, frame, names, new_ids, events)
         for kind, track, fields in lifecycle:
+            summary = self._summary(src, track, names)
             if kind == "new":
                 self.m_started.labels(frame.source).inc()
+                self._changes.append({"new": {frame.source: summary}})
             elif kind == "end":
                 self.m_ended.labels(frame.source, "lost").inc()
-                self._dirty = True
-            events.append(event_message(kind, frame, self._summary(src, track, names), self.run, **fields))
+                self._changes.append({"end": {frame.source: [track.track_id]}})
+            events.append(event_message(kind, frame, summary, self.run, **fields))
             if kind == "end":
                 src.snapshots.pop(track.track_id, None)
                 src.snapshot_at.pop(track.track_id, None)
@@ -422,20 +435,31 @@ class TrackerStage(Processor):
                 events.append(event_message("update", frame, self._summary(src, t, names), self.run,
                                             changed=["snapshot"]))
 
-    def _save(self, force: bool = False) -> None:
-        """Persist next ids and open tracks: at once after a new id or an end, else at most
-        every STATE_INTERVAL_S (see :mod:`.state`)."""
-        now = time.monotonic()
-        if not (force or self._dirty or now - self._saved_at >= STATE_INTERVAL_S):
+    def _save(self, force: bool = False, due: bool = False) -> None:
+        """Persist next ids and open tracks before the frames leave: the whole state when
+        ``due`` (STATE_INTERVAL_S of a source's time passed) or as often in wall time, the
+        changes since (new ids, new and ended tracks) in its journal (see :mod:`.state`)."""
+        if self.state.path is None:
+            self._changes = []
             return
-        open_tracks = {}
-        for name, src in self.sources.items():
-            rows = [self._summary(src, t, src.names) for t in src.tracker.confirmed()]
-            open_tracks[name] = rows + src.pending_ends
+        now = time.monotonic()
         try:
-            self.state.save(open_tracks)
+            if force or due or now - self._saved_at >= STATE_INTERVAL_S:
+                open_tracks = {}
+                for name, src in self.sources.items():
+                    rows = [self._summary(src, t, src.names) for t in src.tracker.confirmed()]
+                    open_tracks[name] = rows + src.pending_ends
+                    src.saved_ts = src.last[1] if src.last is not None else None
+                self.state.save(open_tracks)
+                self._saved_at = now
+            elif self._changes:
+                self.state.append(self._changes)
         except OSError as exc:
             # Without the file a restart could reuse ids: refuse to publish any.
             raise StageError(f"tracker state {self.state.path!r} cannot be written: {exc.strerror or exc}") from None
-        self._dirty = False
-        self._saved_at = now
+        self._changes = []
+
+    def stop(self) -> None:
+        state = getattr(self, "state", None)  # None when start() never ran
+        if state is not None:
+            state.close()

@@ -6,6 +6,7 @@ and ID switches from py-motmetrics, at 10 fps and with every other frame dropped
 
 from __future__ import annotations
 
+import json
 from collections import deque
 from pathlib import Path
 from typing import List, Optional
@@ -335,6 +336,88 @@ def test_a_restarted_tracker_continues_the_ids_and_ends_the_open_tracks(tmp_path
         second.process([f])
     assert sorted(f.track_ids) == [3, 4], "a restarted tracker must not reuse ids"
     assert not any(e["type"] == "end" for e in f.events), "open tracks end once"
+
+
+def _events(stage: TrackerStage, f: Frame) -> List[dict]:
+    stage.process([f])
+    return list(f.events)
+
+
+def test_a_restart_replays_the_journal_and_ends_each_open_track_once(tmp_path: Path, monkeypatch):
+    """Between rewrites of the state file (here: none after the start), new ids, new tracks and
+    ends go to its journal before their frame leaves; a restart replays it, so it ends the one
+    track still open, not the one that ended, and a line a kill cut short is ignored."""
+    import edgepipe_plugins.processors.tracker as stage_module
+
+    monkeypatch.setattr(stage_module, "STATE_INTERVAL_S", 3600.0)
+    state, journal = tmp_path / "track.state.json", tmp_path / "track.journal.state.json"
+    first = tracker(str(tmp_path), track_buffer=3)
+    ended = []
+    for i in range(12):
+        boxes = [moving(i)] + ([moving(i, y=300.0, cls=0)] if i < 5 else [])
+        ended += [(e["track_id"], e["reason"]) for e in _events(first, frame(i, boxes)) if e["type"] == "end"]
+        if i == 0:  # the first frame of a source is written with the whole state
+            written = state.read_bytes()
+    assert ended == [(2, "lost")]
+    assert state.read_bytes() == written, "the state file is rewritten once a second, not per change"
+    kinds = [next(iter(json.loads(line))) for line in journal.read_text().splitlines()]
+    assert kinds.count("new") == 2 and kinds.count("end") == 1 and kinds.count("next_id") == 2, kinds
+    with open(journal, "ab") as fh:  # killed in the middle of appending (that frame never left)
+        fh.write(b'{"end":{"cam":[1')
+
+    second = tracker(str(tmp_path), track_buffer=3)
+    ends = [(e["track_id"], e["reason"]) for e in _events(second, frame(20, [moving(20)])) if e["type"] == "end"]
+    assert ends == [(1, "restarted")]
+    ids = set()
+    for i in range(21, 25):
+        f = frame(i, [moving(i)])
+        second.process([f])
+        ids.update(x for x in f.track_ids if x is not None)
+    assert ids == {3}, "ids continue above every one given before the kill"
+    third = tracker(str(tmp_path), track_buffer=3)
+    ends = [(e["track_id"], e["reason"]) for e in _events(third, frame(30, [])) if e["type"] == "end"]
+    assert ends == [(3, "restarted")], "each open track ends once: 1 did already"
+
+
+def test_the_state_file_is_rewritten_every_second_of_the_source_s_time(tmp_path: Path):
+    """Frames half a second apart, processed at once (a file read faster than real time): the
+    whole state is rewritten every other frame, so a restart's 'end' carries a last_seen at
+    most a second of the source's time old, and the cost per frame does not depend on the pace."""
+    state = tmp_path / "track.state.json"
+    t = tracker(str(tmp_path))
+    last_seen = []
+    for i in range(8):
+        t.process([frame(i, [moving(i)], t=i * 0.5)])
+        rows = json.loads(state.read_text())["open"].get("cam") or []
+        last_seen.append(rows[0]["last_seen"] if rows else None)
+    assert last_seen == [None, None, 1001.0, 1001.0, 1002.0, 1002.0, 1003.0, 1003.0]
+
+
+def test_a_journal_left_beside_a_newer_state_file_only_repeats_it(tmp_path: Path, monkeypatch):
+    """Killed after the state file was rewritten but before its journal was emptied: replaying
+    the old journal over the new file changes nothing (each open track ends once, ids go on)."""
+    import edgepipe_plugins.processors.tracker as stage_module
+
+    monkeypatch.setattr(stage_module, "STATE_INTERVAL_S", 3600.0)
+    journal = tmp_path / "track.journal.state.json"
+    first = tracker(str(tmp_path))
+    for i in range(5):
+        first.process([frame(i, [moving(i), moving(i, y=300.0, cls=0)])])
+    old = journal.read_bytes()
+    assert old.count(b"\n") >= 4
+    monkeypatch.setattr(stage_module, "STATE_INTERVAL_S", 0.0)
+    first.process([frame(5, [moving(5), moving(5, y=300.0, cls=0)])])
+    assert journal.read_bytes() == b"", "rewriting the state file empties the journal"
+    journal.write_bytes(old)
+
+    second = tracker(str(tmp_path))
+    f = frame(9, [moving(9), moving(9, y=300.0, cls=0)])
+    ends = [e for e in _events(second, f) if e["type"] == "end"]
+    assert sorted(e["track_id"] for e in ends) == [1, 2]
+    for i in range(10, 13):
+        f = frame(i, [moving(i), moving(i, y=300.0, cls=0)])
+        second.process([f])
+    assert sorted(f.track_ids) == [3, 4]
 
 
 @pytest.mark.parametrize("options, path", [
