@@ -43,6 +43,7 @@ __all__ = ["SnapshotConfig", "TrackerConfig", "TrackerStage"]
 
 _SECONDS = re.compile(r"^\s*([0-9]+(\.[0-9]*)?|\.[0-9]+)\s*s\s*$")
 STATE_INTERVAL_S = 1.0  # the state file is rewritten this often (changes in between: its journal)
+JOURNAL_MAX = 1000  # ...or once its journal has this many lines (a source whose clock stands still)
 PERIOD_WINDOW = 30  # frames over which the frame period is estimated (median)
 
 
@@ -242,7 +243,6 @@ class TrackerStage(Processor):
             )
         # Changes since the state file was last written, journaled before their frame leaves
         self._changes: List[Dict[str, Any]] = []
-        self._saved_at = 0.0
         self.writer: Optional[SnapshotWriter] = None
         if cfg.snapshots is not None:
             s = cfg.snapshots
@@ -261,14 +261,9 @@ class TrackerStage(Processor):
             from .bytetrack import ByteTracker
 
             src = self.sources[name] = _Source(
-                ByteTracker(self.params, lambda name=name: self._allocate(name))  # type: ignore[misc]
+                ByteTracker(self.params, lambda name=name: self.state.allocate(name))  # type: ignore[misc]
             )
         return src
-
-    def _allocate(self, source: str) -> int:
-        value = self.state.allocate(source)
-        self._changes.append({"next_id": {source: value + 1}})
-        return value
 
     def _check_names(self, frame: Frame) -> None:
         """Class names of ``classes`` against the frame's (when validation could not know them)."""
@@ -437,21 +432,20 @@ class TrackerStage(Processor):
 
     def _save(self, force: bool = False, due: bool = False) -> None:
         """Persist next ids and open tracks before the frames leave: the whole state when
-        ``due`` (STATE_INTERVAL_S of a source's time passed) or as often in wall time, the
-        changes since (new ids, new and ended tracks) in its journal (see :mod:`.state`)."""
+        ``due`` (STATE_INTERVAL_S of a source's time passed) or the journal is full, the changes
+        since (new and ended tracks, a new one's id saying the next) in the journal (see
+        :mod:`.state`)."""
         if self.state.path is None:
             self._changes = []
             return
-        now = time.monotonic()
         try:
-            if force or due or now - self._saved_at >= STATE_INTERVAL_S:
+            if force or due or self.state.journaled + len(self._changes) > JOURNAL_MAX:
                 open_tracks = {}
                 for name, src in self.sources.items():
                     rows = [self._summary(src, t, src.names) for t in src.tracker.confirmed()]
                     open_tracks[name] = rows + src.pending_ends
                     src.saved_ts = src.last[1] if src.last is not None else None
                 self.state.save(open_tracks)
-                self._saved_at = now
             elif self._changes:
                 self.state.append(self._changes)
         except OSError as exc:

@@ -7,12 +7,13 @@ open (label, first and last seen, best confidence, last box, snapshot): ``<stage
 (:data:`edgepipe.runtime.STATE_SUFFIX`: the daemon removes it when it stops, and a stale one when
 it starts).
 The file is rewritten (to a temporary name, then renamed over, so a kill never leaves half of
-it) once a second, so ``last_seen`` and ``bbox`` of a track ended by a restart can be up to a
-second old. What happens in between is appended to a journal beside it,
+it) once a second of each source's time (or once the journal has 1000 lines), so ``last_seen`` and ``bbox`` of a track ended by a
+restart can be up to a second old. What happens in between is appended to a journal beside it,
 ``<stage>.journal.state.json``, one JSON line per change, before a frame carrying the change
-leaves the stage: an id given (``next_id``), a track confirmed (``new``, its summary), tracks
-ended (``end``, their ids). Loading replays the journal over the file, so a restart knows every
-id published and every track still open; rewriting the file empties the journal. Appending a
+leaves the stage: a track confirmed (``new``, its summary, whose id is the last one given:
+ids are given on confirmation), tracks ended (``end``, their ids). Loading replays the journal
+over the file, so a restart knows every id published and every track still open; rewriting the
+file empties the journal. Appending a
 line costs a small fraction of rewriting the summaries of 50 open tracks, which the stage used to
 do on every frame with a new or an ended track. A line cut short by a kill is one whose frame
 never left, and is ignored. Replaying is idempotent: a journal left by a kill between a rewrite
@@ -62,6 +63,7 @@ class TrackerState:
         self.run = run
         self.next_id: Dict[str, int] = {}
         self._journal: Optional[int] = None  # file descriptor, opened for appending by save()
+        self.journaled = 0  # lines in the journal
 
     def load(self) -> Tuple[Dict[str, int], Dict[str, List[Dict[str, Any]]]]:
         """(next id per source, open track summaries per source) left by an earlier incarnation
@@ -99,9 +101,8 @@ class TrackerState:
                 continue  # the empty tail, or a line a kill cut short: its frame never left
             if not isinstance(change, dict):
                 continue
-            for source, value in dict(change.get("next_id") or {}).items():
-                next_id[str(source)] = max(next_id.get(str(source), 1), int(value))
             for source, summary in dict(change.get("new") or {}).items():
+                next_id[str(source)] = max(next_id.get(str(source), 1), int(summary["track_id"]) + 1)
                 rows = [r for r in open_tracks.get(str(source), []) if r.get("track_id") != summary.get("track_id")]
                 open_tracks[str(source)] = rows + [summary]
             for source, ended in dict(change.get("end") or {}).items():
@@ -128,16 +129,17 @@ class TrackerState:
         if self._journal is None:
             self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
         os.ftruncate(self._journal, 0)
+        self.journaled = 0
 
     def append(self, changes: List[Dict[str, Any]]) -> None:
-        """Journal ``changes`` (``{"next_id": {source: n}}``, ``{"new": {source: summary}}``,
-        ``{"end": {source: [track ids]}}``) after the last :meth:`save`; OSError when the
+        """Journal ``changes`` (``{"new": {source: summary}}``, ``{"end": {source: [track ids]}}``) after the last :meth:`save`; OSError when the
         directory fails."""
         if self._journal is None or not changes:
             return
         data = "".join(json.dumps(c, separators=(",", ":")) + "\n" for c in changes).encode("utf-8")
         while data:
             data = data[os.write(self._journal, data):]
+        self.journaled += len(changes)
 
     def close(self) -> None:
         if self._journal is not None:
