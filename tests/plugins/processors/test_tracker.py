@@ -466,17 +466,16 @@ def test_track_buffer_in_seconds_follows_the_frame_rate():
 
 @pytest.mark.slow
 def test_tracking_accuracy_on_the_demo_model_at_10_fps_and_with_every_other_frame_dropped():
-    """The issue's goal is IDF1 >= 0.90 and at most 1 ID switch per 100 ground-truth tracks.
-    IDF1 is reached. These three scenes have no switch at either rate; over 98 scenes there are
-    1.4 and 1.5 per 100 tracks (benchmarks/README.md, each kind explained there: mostly the
-    detector merging two overlapping objects into one box, or seeing parts of one at the frame
-    edge as several), so this holds them to at most one switch in the 27 tracks here, to catch
-    it getting worse; test_tracking_in_hard_scenes below looks at the scenes where the tracker's
-    own rules matter."""
+    """The issue's goal is IDF1 >= 0.90 and at most 1 ID switch per 100 ground-truth tracks, on
+    the demo model and scenes, tracked as configs/demo.yaml does. Over 98 scenes there are 0.9
+    and 0.7 per 100 tracks, over 218 scenes 1.05 and 0.96 (benchmarks/README.md); these three
+    scenes have none at either rate, so this holds them to at most one switch in the 27 tracks
+    here, to catch it getting worse. test_tracking_in_hard_scenes below looks at the scenes where
+    the tracker's own rules matter."""
     from benchmarks import bench_tracking as b
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 200) for seed in (101, 102, 103)]
-    result = b.accuracy(scenes)
+    result = b.accuracy(scenes)["demo"]
     print(result)
     for rate, r in result.items():
         assert r["ground_truth_tracks"] >= 15, r
@@ -503,12 +502,39 @@ def test_tracking_in_hard_scenes():
 
     scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, 300) for seed in (208, 313, 338)]
     scenes += [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, frames) for seed, frames in ((418, 40), (336, 80), (403, 110))]
-    result = b.accuracy(scenes)
+    # The stage's defaults, which start tracks on the detections these rules are about, and the demo's
+    result = b.accuracy(scenes, trackers={"defaults": {}, "demo": b.demo_settings()["tracker"]})
     print(result)
-    r = result["10fps"]
-    assert r["ground_truth_tracks"] >= 45, r
-    assert r["id_switches"] <= 1, r
-    assert r["idf1"] >= 0.90, r
+    for options, by_rate in result.items():
+        r = by_rate["10fps"]
+        assert r["ground_truth_tracks"] >= 45, (options, r)
+        assert r["id_switches"] <= 1, (options, r)
+        assert r["idf1"] >= 0.90, (options, r)
+
+
+@pytest.mark.slow
+def test_the_demo_starts_tracks_only_on_objects_it_is_sure_of():
+    """configs/demo.yaml's new_track_thresh (0.88): the demo model scores objects it sees whole
+    above 0.9, and the parts and halves it also sees lower; a track started on one of those (an
+    object coming in at the frame edge, two small ones overlapping, a cross seen as pieces at the
+    top edge) swaps with the object's own or takes it over. These scenes, up to the frame where
+    the stage's defaults made a switch, had 7 at 10 fps with the defaults (4 of them in 519's
+    pieces) and none with the demo's options (at most one is let pass, for another CPU's rounding
+    in the detector); the benchmark script reads the option from the demo's file, so this also
+    fails if the file loses it."""
+    from benchmarks import bench_tracking as b
+
+    demo = b.demo_settings()
+    assert demo["tracker"].get("new_track_thresh") == 0.88, demo
+    assert demo["detector"]["conf_thres"] <= 0.1 and demo["nms"]["conf_thres"] <= 0.1, demo  # ByteTrack's low ones
+    scenes = [(b.WIDTH, b.HEIGHT, seed, b.OBJECTS, frames) for seed, frames in ((610, 70), (520, 80), (501, 90), (519, 170))]
+    result = b.accuracy(scenes, trackers={"defaults": {}, "demo": demo["tracker"]})
+    print(result)
+    assert result["defaults"]["10fps"]["id_switches"] >= 4, result
+    for rate, r in result["demo"].items():
+        assert r["ground_truth_tracks"] >= 20, (rate, r)
+        assert r["id_switches"] <= 1, (rate, r)
+        assert r["idf1"] >= 0.90, (rate, r)
 
 def pictured(i: int, conf: float, x: float = 40.0) -> Frame:
     img = np.full((240, 320), 80, np.uint8)
