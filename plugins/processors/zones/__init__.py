@@ -167,6 +167,7 @@ class _Geometry:
         self.place = place
         self.points = points
         self.class_ids = class_ids  # None: every class
+        self.drawn = np.round(points, 1).tolist()  # what the overlay carries, every frame
 
 
 class _TrackState:
@@ -321,6 +322,7 @@ class ZonesStage(Processor):
         table: Dict[str, Any] = found if isinstance(found, dict) else {}
         info = {tid: k for k, tid in enumerate(table.get("track_id", []))}
         snapshots = table.get("snapshot") or {}
+        t_class, t_first, t_best = table.get("class_id"), table.get("first_seen"), table.get("best_confidence")
         out: List[Dict[str, Any]] = []
         changed: Set[int] = set()
         dets = frame.detections if frame.detections is not None else np.zeros((0, 6), np.float32)
@@ -347,13 +349,13 @@ class ZonesStage(Processor):
                     st = tracks[tid] = _TrackState()
                     # Seen by the tracker before this worker started: a restart of this stage,
                     # not an arrival; its zones are taken as they are, without events.
-                    first = table["first_seen"][j] if j is not None else frame.timestamp
+                    first = t_first[j] if j is not None else frame.timestamp  # type: ignore[index]
                     st.restored = first < self.started_at - 1.0
                 if j is not None:
-                    st.class_id = table["class_id"][j]
-                    st.first_seen = table["first_seen"][j]
-                    st.best_confidence = table["best_confidence"][j]
-                    st.snapshot = snapshots.get(str(tid))
+                    st.class_id = t_class[j]  # type: ignore[index]
+                    st.first_seen = t_first[j]  # type: ignore[index]
+                    st.best_confidence = t_best[j]  # type: ignore[index]
+                    st.snapshot = snapshots.get(str(tid)) if snapshots else None
                 st.confidence = confidences[k]
                 st.bbox = boxes[k]
                 st.seen_at = frame.timestamp
@@ -420,13 +422,13 @@ class ZonesStage(Processor):
         in original-frame pixels with its live counts."""
         return {
             "zones": [
-                {"name": z.name, "points": np.round(z.points, 1).tolist(),
+                {"name": z.name, "points": z.drawn,
                  "objects": self._counts.get((source, z.name), 0),
                  "entries": self._totals.get((source, z.name, "enter"), 0)}
                 for z in zones
             ],
             "lines": [
-                {"name": line.name, "points": np.round(line.points, 1).tolist(),
+                {"name": line.name, "points": line.drawn,
                  "directions": list(line.place.directions),  # type: ignore[attr-defined]
                  "crossings": [self._totals.get((source, line.name, d), 0)
                                for d in line.place.directions]}  # type: ignore[attr-defined]
