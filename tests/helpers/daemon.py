@@ -332,6 +332,9 @@ class Subscriber:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # It connects before the daemon binds: retried every 10 ms instead of ZeroMQ's 100, so
+        # that it is there when the first frames are published (what it misses is gone).
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 10)
         self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
         self._sock.connect(endpoint)
         self._thread = threading.Thread(target=self._run, daemon=True)
