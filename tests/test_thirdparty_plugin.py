@@ -126,10 +126,16 @@ def test_thirdparty_series_and_health_on_a_real_scrape(tmp_path):
         d.wait_ready()
         d.wait_until(lambda: (d.sample("edgepipe_passthrough_frames_total", stage="tag", tag="blue") or 0) >= 10,
                      60, "the plugin's own counter counts")
-        assert (d.sample("edgepipe_record_lines_written_total", stage="rec") or 0) >= 1
+        # Healthy until it handles frame 30: read before the count, a 0 here means frame 30 was
+        # handled, which the count read after then shows (a busy machine may get that far).
+        healthy = d.sample("edgepipe_stage_healthy", stage="tag")
+        handled = d.sample("edgepipe_passthrough_frames_total", stage="tag", tag="blue") or 0
+        assert healthy == 1.0 or (healthy == 0.0 and handled >= 30), (healthy, handled)
+        # The sink downstream writes (and reports) a little later than the stage before it counts.
+        d.wait_until(lambda: (d.sample("edgepipe_record_lines_written_total", stage="rec") or 0) >= 1,
+                     60, "the record sink writes")
         assert d.sample("edgepipe_sink_messages_published_total", stage="rec") is not None
         assert d.sample("edgepipe_sink_frame_age_seconds_count", stage="rec") is not None
-        assert d.sample("edgepipe_stage_healthy", stage="tag") == 1.0
 
         code, body = d.wait_until(lambda: (lambda h: h if h[0] == 503 else None)(d.healthz()), 60,
                                   "/healthz reports the stage's problem")
